@@ -1,0 +1,133 @@
+"""Our model directory: `config.json` (the model config) + `params/` (an orbax checkpoint) + tokenizer files.
+
+Written by the converter and read by sampling and fine-tuning. A directory is written under a temporary name and
+renamed into place when complete, so an interrupted save never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from perceiver_ar_jax.config import CausalLanguageModelConfig
+from perceiver_ar_jax.torch_checkpoint import TOKENIZER_FILES, CheckpointError
+
+MODEL_TYPE = "perceiver-ar-jax"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def abstract_params(config: CausalLanguageModelConfig) -> Any:
+    """The parameter tree of `config` as jax.ShapeDtypeStruct leaves (nothing allocated)."""
+    from perceiver_ar_jax.model import CausalLanguageModel
+
+    model = CausalLanguageModel(config)
+    ids = jnp.zeros((1, config.max_latents), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, prefix_len=0))
+    return nn.unbox(variables["params"])
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return False
+    try:
+        with open(config_path) as f:
+            return json.load(f).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_config(directory: str | os.PathLike) -> CausalLanguageModelConfig:
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"model directory not found: {directory}")
+    if not is_model_dir(directory):
+        raise CheckpointError(f"{directory} is not a perceiver-ar-jax model directory (no {CONFIG_FILE} with "
+                              f"model_type {MODEL_TYPE!r}); convert a perceiver-io checkpoint with "
+                              "`python -m perceiver_ar_jax.convert SRC DST` first")
+    with open(config_path) as f:
+        return CausalLanguageModelConfig.from_dict(json.load(f)["model_config"], strict=True)
+
+
+def save_model(
+    directory: str | os.PathLike,
+    config: CausalLanguageModelConfig,
+    params: Any,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write config, params and (if given) the tokenizer files of `tokenizer_dir` to `directory`."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} already exists; choose another destination or pass overwrite=True")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump({"model_type": MODEL_TYPE, "model_config": config.to_dict()}, f, indent=2, sort_keys=True)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+        checkpointer.wait_until_finished()
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        replace_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(directory: str | os.PathLike, sharding: jax.sharding.Sharding | Any | None = None):
+    """Read a model directory -> (config, params). `sharding`: one sharding for every leaf, or a tree of them
+    matching the params (default: the first local device)."""
+    config = read_config(directory)
+    target = abstract_params(config)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+    else:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, sharding)
+    params_dir = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir, target)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean "this checkpoint is unusable"
+        raise CheckpointError(f"cannot restore the parameters in {params_dir}: {type(e).__name__}: {e}") from None
+    return config, params
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+def replace_directory(src: str, dst: str) -> None:
+    """Move the finished directory `src` to `dst`; an existing `dst` is removed only after `src` is in place."""
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=os.path.dirname(dst))
+    os.rmdir(old)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tree_nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
