@@ -55,6 +55,7 @@ class CausalLanguageModelConfig:
     remat_policy: str = "nothing_saveable"  # jax.checkpoint_policies name used when activation_checkpointing
     attention_impl: str = "auto"  # "xla" dense, "blockwise" online softmax, "splash" TPU kernel, "auto" picks
     attention_block_size: int = 512  # key block length of the blockwise attention
+    context_parallel_axis: str | None = None  # mesh axis the hybrid layer's prefix is split over (None: not split)
 
     def __post_init__(self):
         self.validate()
@@ -116,6 +117,9 @@ class CausalLanguageModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}")
+        need(self.context_parallel_axis is None or (isinstance(self.context_parallel_axis, str)
+                                                    and self.context_parallel_axis != ""),
+             "context_parallel_axis", "None or a mesh axis name")
 
     # ------------------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> CausalLanguageModelConfig:
@@ -148,5 +152,5 @@ class CausalLanguageModelConfig:
 
 PERCEIVER_IO_FIELDS = tuple(
     f.name for f in dataclasses.fields(CausalLanguageModelConfig) if f.name not in
-    ("dtype", "param_dtype", "remat_policy", "attention_impl", "attention_block_size")
+    ("dtype", "param_dtype", "remat_policy", "attention_impl", "attention_block_size", "context_parallel_axis")
 )

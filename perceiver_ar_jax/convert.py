@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from perceiver_ar_jax.checkpoint import (
@@ -158,25 +159,26 @@ def load_torch_checkpoint(path: str | os.PathLike, param_dtype: str | None = Non
     table = parameter_table(config)
     expected = {entry.torch_key for entry in table}
     missing = [entry.torch_key for entry in table if entry.torch_key not in ckpt.shapes]
-    unused = sorted(set(ckpt.shapes) - expected - {INV_FREQ_KEY})
+    unused = [key for key in ckpt.shapes if key not in expected and key != INV_FREQ_KEY]  # in checkpoint order
     if missing or unused:
         raise CheckpointError(
             f"{ckpt.source} does not match its config ({_describe(config)}):"
             + (f"\n  missing tensors: {', '.join(missing)}" if missing else "")
             + (f"\n  unused tensors: {', '.join(unused)}" if unused else ""))
-    _check_rotary_buffer(ckpt, config)
-
     shapes = abstract_params(config)
-    dtype = np.dtype(config.param_dtype)
-    params: dict = {}
-    for entry in table:
-        shape = tuple(_get(shapes, entry.path).shape)
-        want = torch_shape(shape, entry.layout)
+    for entry in table:  # every shape first, so that nothing is converted from a checkpoint of another model
+        want = torch_shape(tuple(_get(shapes, entry.path).shape), entry.layout)
         got = tuple(ckpt.shapes[entry.torch_key])
         if got != want:
             raise CheckpointError(f"{ckpt.source}: tensor {entry.torch_key} has shape {got}, but the config "
                                   f"({_describe(config)}) needs {want} for {'/'.join(entry.path)}")
+    _check_rotary_buffer(ckpt, config)
+
+    dtype = np.dtype(config.param_dtype)
+    params: dict = {}
+    for entry in table:
         tensor = np.asarray(ckpt.get(entry.torch_key))
+        shape = tuple(_get(shapes, entry.path).shape)
         _set(params, entry.path, from_torch(tensor.astype(dtype, copy=tensor.dtype != dtype), shape, entry.layout))
     return config, params
 
@@ -185,8 +187,10 @@ def _check_rotary_buffer(ckpt, config: CausalLanguageModelConfig) -> None:
     if INV_FREQ_KEY not in ckpt.shapes:
         return  # perceiver-io recomputes the buffer at init, so a checkpoint may lack it
     ours = inverse_frequencies(config.num_rotated_channels)
-    theirs = np.asarray(ckpt.get(INV_FREQ_KEY), np.float32)
-    if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6, atol=0):
+    stored = np.asarray(ckpt.get(INV_FREQ_KEY))
+    theirs = stored.astype(np.float32)
+    rtol = 2 * float(ml_dtypes.finfo(stored.dtype).eps)  # a half-precision checkpoint stores the buffer rounded
+    if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=rtol, atol=0):
         raise CheckpointError(f"{ckpt.source}: tensor {INV_FREQ_KEY} has shape {theirs.shape}, but the config "
                               f"({_describe(config)}) rotates {config.num_rotated_channels} channels per head, "
                               f"which needs {ours.shape} with values 10000^(-2i/{config.num_rotated_channels})")

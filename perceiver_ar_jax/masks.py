@@ -7,6 +7,7 @@ every latent sees the whole prefix and the latents up to itself. Pad tokens (lef
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -31,3 +32,14 @@ def cross_attention_mask(num_latents: int, num_keys: int, pad_mask: jnp.ndarray 
     if pad_mask is not None:
         mask = mask & key_pad_mask(pad_mask)
     return mask
+
+
+def prefix_keep_indices(rng: jax.Array, batch_size: int, prefix_len: int, rate: float) -> jnp.ndarray:
+    """Cross-attention dropout: which prefix positions each example keeps, (batch, keep) int32, increasing.
+
+    As perceiver-io, exactly keep = prefix_len - int(prefix_len * rate) positions survive, a uniformly random
+    subset per example, kept in their original order (so shapes stay static and causality is unchanged).
+    """
+    keep = prefix_len - int(prefix_len * rate)
+    scores = jax.random.uniform(rng, (batch_size, prefix_len))
+    return jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1).astype(jnp.int32)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from perceiver_ar_jax.attention import MultiHeadAttention
 from perceiver_ar_jax.config import CausalLanguageModelConfig
-from perceiver_ar_jax.masks import causal_mask, cross_attention_mask
+from perceiver_ar_jax.masks import causal_mask, cross_attention_mask, prefix_keep_indices
 from perceiver_ar_jax.position import positions, rotary_angles
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default
@@ -51,6 +51,8 @@ def attention(config: CausalLanguageModelConfig, out_bias: bool) -> MultiHeadAtt
         max_heads_parallel=config.max_heads_parallel,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
+        attention_impl=config.attention_impl,
+        attention_block_size=config.attention_block_size,
         name="attention",
     )
 
@@ -102,9 +104,9 @@ class HybridCrossAttentionLayer(nn.Module):
         """x_latent (batch, latents, channels), x_prefix (batch, prefix, channels); angles (batch, ., rotated);
         mask broadcastable to (batch, heads, latents, prefix + latents). Returns (batch, latents, channels)."""
         q_in = self.q_norm(x_latent)
-        k, v = self.attention.project_kv(jnp.concatenate([self.kv_norm(x_prefix), q_in], axis=1))
-        k_angles = jnp.concatenate([prefix_angles, latent_angles], axis=1)
-        h = self.attention(q_in, k, v, latent_angles, k_angles, mask, deterministic)
+        # keys/values of [kv_norm(prefix), q_norm(latents)]; a long prefix is normalised block by block there
+        h = self.attention.hybrid(q_in, x_prefix, latent_angles, prefix_angles, mask, self.kv_norm,
+                                  self.config.context_parallel_axis, deterministic)
         x = x_latent + self.residual_dropout(h, deterministic=deterministic)
         return x + self.residual_dropout(self.mlp(x), deterministic=deterministic)
 
@@ -213,7 +215,8 @@ class CausalLanguageModel(nn.Module):
         try:
             prefix_len = operator.index(prefix_len)
         except TypeError:
-            raise TypeError(f"prefix_len must be a Python int (static under jit), got {type(prefix_len).__name__}")
+            raise TypeError(f"prefix_len must be a Python int (static under jit), "
+                            f"got {type(prefix_len).__name__}") from None
         if seq_len > self.config.max_seq_len:
             raise ValueError(f"input length {seq_len} exceeds max_seq_len ({self.config.max_seq_len})")
         if not 0 <= prefix_len < seq_len:
@@ -231,14 +234,10 @@ class CausalLanguageModel(nn.Module):
         return x
 
     def drop_prefix_positions(self, x_prefix, prefix_angles, prefix_pad):
-        """Training-time cross-attention dropout: keep a random subset of prefix positions per example, in order.
-
-        As perceiver-io, exactly prefix_len - int(prefix_len * rate) positions are kept, so shapes stay static.
-        """
+        """Training-time cross-attention dropout: keep a random subset of prefix positions per example, in order."""
         batch_size, prefix_len = x_prefix.shape[:2]
-        keep = prefix_len - int(prefix_len * self.config.cross_attention_dropout)
-        scores = jax.random.uniform(self.make_rng("dropout"), (batch_size, prefix_len))
-        kept = jnp.sort(jax.lax.top_k(scores, keep)[1], axis=1)  # (batch, keep) indices in increasing order
+        rate = self.config.cross_attention_dropout
+        kept = prefix_keep_indices(self.make_rng("dropout"), batch_size, prefix_len, rate)
         take = lambda a: jnp.take_along_axis(a, kept.reshape(kept.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
         return take(x_prefix), take(prefix_angles), None if prefix_pad is None else take(prefix_pad)
 

@@ -1,6 +1,6 @@
 """Reading and writing safetensors files with numpy only, one tensor at a time.
 
-Reading memory-maps the file, so a tensor costs memory only while it is used; writing streams tensors to disk
+Reading fetches one tensor at a time, so a tensor costs memory only while it is used; writing streams tensors to disk
 after a header built from shapes alone. Both support bfloat16 (through ml_dtypes), which the `safetensors`
 package's numpy backend does not. Format: 8-byte little-endian header length, a JSON header
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw little-endian data.
@@ -66,13 +66,16 @@ class SafetensorsReader:
         return tuple(self._entries[key]["shape"])
 
     def get(self, key: str) -> np.ndarray:
+        """Read one tensor into memory. (A plain read rather than a memory map: mapped file pages would stay
+        resident and count towards the process's memory until the whole file is closed.)"""
         entry = self._entries[key]
         shape = tuple(entry["shape"])
         dtype = DTYPES[entry["dtype"]]
-        if int(np.prod(shape, dtype=np.int64)) == 0:
-            return np.zeros(shape, dtype)
+        count = int(np.prod(shape, dtype=np.int64))
         begin, _ = entry["data_offsets"]
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            return np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count).astype(dtype, copy=False).reshape(shape)
 
 
 def write_safetensors(

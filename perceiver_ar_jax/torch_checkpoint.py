@@ -14,10 +14,12 @@ needs memory for the tensors being converted, not for the whole file. Pickles ar
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -178,7 +180,26 @@ def _torch_to_numpy_loader(tensor) -> Callable[[], np.ndarray]:
 
         t = tensor.detach()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+            array = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            array = t.numpy()
+        copy = np.array(array, copy=True)  # our own memory, so the file mapping can let go of these pages
+        _release_mapped_pages(t.data_ptr(), t.untyped_storage().nbytes())
+        return copy
 
     return load
+
+
+def _release_mapped_pages(address: int, nbytes: int) -> None:
+    """Drop the pages of a memory-mapped (read-only, private) checkpoint that were just read, so that reading a
+    whole checkpoint does not keep it all resident. They are re-read from the file if touched again. Best effort:
+    Linux only, and a no-op for tensors that are not file-mapped."""
+    if not sys.platform.startswith("linux") or nbytes <= 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        start = address - address % page
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), 4)  # 4 = MADV_DONTNEED
+    except (OSError, AttributeError, ValueError):
+        pass

@@ -1,0 +1,76 @@
+"""The Pallas splash-attention kernel (TPU), run in Pallas interpret mode on CPU, equals the dense attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_ar_jax.attention import dense_attention
+from perceiver_ar_jax.convert import load_torch_checkpoint
+from perceiver_ar_jax.masks import cross_attention_mask
+from perceiver_ar_jax.model import CausalLanguageModel
+
+pallas_attention = pytest.importorskip("perceiver_ar_jax.pallas_attention",
+                                       reason="this jax has no Pallas TPU splash attention")
+
+TOLERANCE = 1e-5
+BATCH, HEADS, HEAD_DIM = 2, 2, 16
+
+
+def qkv(num_queries, num_keys, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (BATCH, num_queries, HEADS, HEAD_DIM))
+    k = jax.random.normal(keys[1], (BATCH, num_keys, HEADS, HEAD_DIM))
+    v = jax.random.normal(keys[2], (BATCH, num_keys, HEADS, HEAD_DIM))
+    return q, k, v, jax.random.normal(keys[3], (BATCH, num_queries, HEADS, HEAD_DIM))
+
+
+def value_and_grads(attention, q, k, v, cotangent):
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent)  # noqa: E731
+    return jax.jit(lambda q, k, v: (attention(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
+
+CASES = {  # name: (latents, prefix, pads in row 1)
+    "cross_attention_with_padding": (8, 150, 5),  # keys span two 128-key blocks, queries padded to 128
+    "all_masked_rows_prefix_0": (16, 0, 5),  # the pad latents see only pads (fixture case pad_p0_edge)
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_splash_in_interpret_mode_equals_dense_in_forward_and_gradients(case):
+    num_latents, prefix_len, num_pads = CASES[case]
+    num_keys = prefix_len + num_latents
+    q, k, v, cotangent = qkv(num_latents, num_keys)
+    pad = jnp.zeros((BATCH, num_keys), bool).at[1, :num_pads].set(True)
+    mask = cross_attention_mask(num_latents, num_keys, pad)
+    (out, grads) = value_and_grads(
+        lambda q, k, v: pallas_attention.splash_attention_from_mask(q, k, v, mask, block_size=128, interpret=True),
+        q, k, v, cotangent)
+    (expected_out, expected_grads) = value_and_grads(lambda q, k, v: dense_attention(q, k, v, mask),
+                                                     q, k, v, cotangent)
+    np.testing.assert_allclose(out, expected_out, rtol=0, atol=TOLERANCE)
+    for name, a, e in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(a, e, rtol=0, atol=TOLERANCE, err_msg=f"d{name}")
+
+
+def test_splash_without_mask_is_full_attention():
+    q, k, v, _ = qkv(8, 20)
+    out = pallas_attention.splash_attention_from_mask(q, k, v, None, interpret=True)
+    np.testing.assert_allclose(out, dense_attention(q, k, v, None), rtol=0, atol=TOLERANCE)
+
+
+def test_splash_rejects_a_per_head_mask():
+    q, k, v, _ = qkv(8, 20)
+    with pytest.raises(ValueError, match=r"\(batch, 1, queries, keys\)"):
+        pallas_attention.splash_attention_from_mask(q, k, v, jnp.ones((1, HEADS, 8, 20), bool), interpret=True)
+
+
+def test_model_logits_with_splash_equal_the_golden_logits(public_fixture):
+    config, params = load_torch_checkpoint(public_fixture / "hf-safetensors")
+    golden = np.load(public_fixture / "forward_cases.npz")
+    apply = jax.jit(CausalLanguageModel(config.replace(attention_impl="splash")).apply, static_argnames="prefix_len")
+    for case, tokens, prefix_len, pad_mask in [("p16", "tokens", 16, None),
+                                               ("pad_p0_edge", "pad_tokens", 0, "pad_mask")]:
+        logits = apply({"params": params}, golden[tokens], prefix_len=prefix_len,
+                       pad_mask=None if pad_mask is None else golden[pad_mask])
+        np.testing.assert_allclose(logits, golden["logits_" + case], rtol=0, atol=1e-4, err_msg=case)
