@@ -77,9 +77,7 @@ def save_model(
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump({"model_type": MODEL_TYPE, "model_config": config.to_dict()}, f, indent=2, sort_keys=True)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
-        checkpointer.wait_until_finished()
+        write_params(os.path.join(tmp, PARAMS_DIR), params)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         replace_directory(tmp, directory)
@@ -88,9 +86,24 @@ def save_model(
         raise
 
 
+def write_params(path: str, params: Any) -> None:
+    """Save a params tree with orbax, holding at most about one extra copy of the largest tensors.
+
+    Host numpy leaves become CPU jax arrays first (zero-copy where numpy's buffer is aligned): orbax would
+    otherwise stage its own copy of every numpy array. Writes are limited to 1 GB in flight and uncompressed
+    (float weights barely compress, and the compressor's buffers cost another copy).
+    """
+    cpu = jax.local_devices(backend="cpu")[0]
+    params = jax.tree.map(lambda x: jax.device_put(x, cpu) if isinstance(x, np.ndarray) else x, params)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
+                                          use_compression=False)
+    ocp.Checkpointer(handler).save(path, args=ocp.args.PyTreeSave(params))
+
+
 def load_model(directory: str | os.PathLike, sharding: jax.sharding.Sharding | Any | None = None):
     """Read a model directory -> (config, params). `sharding`: one sharding for every leaf, or a tree of them
-    matching the params (default: the first local device)."""
+    matching the params (default: the first local device). A training workdir (train.py's --workdir) is read too:
+    the parameters of its newest readable checkpoint."""
     config = read_config(directory)
     target = abstract_params(config)
     if sharding is None:
@@ -100,6 +113,14 @@ def load_model(directory: str | os.PathLike, sharding: jax.sharding.Sharding | A
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, sharding)
     params_dir = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    from perceiver_ar_jax import checkpointing  # a training workdir: the newest readable training checkpoint
+
+    if not os.path.isdir(params_dir) and checkpointing.is_training_workdir(directory):
+        try:
+            return config, checkpointing.load_params(directory, target)[1]
+        except Exception as e:  # noqa: BLE001 - as below
+            raise CheckpointError(f"cannot restore parameters from the training workdir {directory}: "
+                                  f"{type(e).__name__}: {e}") from None
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean "this checkpoint is unusable"

@@ -1,0 +1,159 @@
+"""Training-step throughput: our jitted train step against perceiver-io's, on the same machine in one run.
+
+    python bench/train_step.py [--dtypes fp32,bf16] [--budget 60] [--ref-python /tmp/ref-venv/bin/python]
+                               [--skip-reference] [--json OUT.json]
+
+The "bench" config of ../shared/reference/bench_torch.py: vocab 32000, 512 channels, 8 heads, 6 self-attention
+layers, max_seq_len 1024, 256 latents, no absolute position embedding, output norm, no output bias, no dropout;
+batch 4 x 1024 tokens (prefix 768), AdamW lr 3e-4. The reference step is `LitCausalLanguageModel.step` + backward
++ `torch.optim.AdamW.step` (fp32, or under torch.autocast(bfloat16) for bf16); ours is `train_step.train_step`
+(cross-entropy on the latent positions, AdamW from optax, no clipping as in the reference) with dtype float32 or
+bfloat16 compute (float32 parameters and optimizer state). tokens/s count batch x latents (the positions trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REF_SCRIPT = REPO.parent / "shared" / "reference" / "bench_torch.py"
+BENCH_MODEL = dict(vocab_size=32000, num_channels=512, num_heads=8, num_self_attention_layers=6, max_seq_len=1024,
+                   max_latents=256, abs_pos_emb=False, output_norm=True, output_bias=False,
+                   cross_attention_dropout=0.0)
+BATCH, SEQ_LEN = 4, 1024
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def repeat(fn, warmup: int, budget_s: float, min_runs: int = 3, max_runs: int = 20) -> tuple[list[float], list[float]]:
+    """bench_torch.py's timing loop -> (wall seconds, process CPU seconds) per run."""
+    for _ in range(warmup):
+        fn()
+    times, cpu_times, start = [], [], time.perf_counter()
+    while len(times) < max_runs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        if len(times) >= min_runs and time.perf_counter() - start + times[-1] > budget_s:
+            break
+    return times, cpu_times
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    return dict(min=min(xs), median=statistics.median(xs), max=max(xs), n=len(xs))
+
+
+def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_impl: str) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from perceiver_ar_jax import optim
+    from perceiver_ar_jax.config import CausalLanguageModelConfig
+    from perceiver_ar_jax.model import CausalLanguageModel
+    from perceiver_ar_jax.train_step import TrainState, train_step
+
+    config = CausalLanguageModelConfig(**BENCH_MODEL, dtype=DTYPES[dtype], attention_impl=attention_impl,
+                                       activation_checkpointing=remat_policy is not None,
+                                       remat_policy=remat_policy or "nothing_saveable")
+    model = CausalLanguageModel(config)
+    # constant lr 3e-4 (min_fraction 1), torch AdamW defaults, no clipping: the reference's optimizer step
+    optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(
+        learning_rate=3e-4, warmup_steps=0, num_train_steps=1, lr_min_fraction=1.0, adam_b1=0.9, adam_b2=0.999,
+        adam_eps=1e-8, weight_decay=0.01, max_grad_norm=0.0)))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), prefix_len=0)["params"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                       rng=jax.random.key_data(jax.random.key(1)))
+    rng = np.random.default_rng(1)
+    seq = rng.integers(0, config.vocab_size, size=(BATCH, SEQ_LEN + 1))
+    batch = {"input_ids": jnp.asarray(seq[:, :-1], jnp.int32), "labels": jnp.asarray(seq[:, 1:], jnp.int32),
+             "pad_mask": jnp.zeros((BATCH, SEQ_LEN), bool)}
+    step = jax.jit(lambda s, b: train_step(s, b, model=model, optimizer=optimizer), donate_argnums=(0,))
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+    losses = []
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        losses.append(float(metrics["loss"]))  # waits for the step, as the reference's float(loss) does
+
+    times, cpu_times = repeat(run, warmup=2, budget_s=budget_s)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    return dict(impl="perceiver-ar-jax", dtype=dtype, compile_s=compile_s, step_s=stats(times),
+                step_cpu_s=stats(cpu_times),  # all threads' CPU time: steadier than wall time on a busy machine
+                tokens_per_s_latents=stats([BATCH * config.max_latents / t for t in times]),
+                tokens_per_s_seq=stats([BATCH * SEQ_LEN / t for t in times]), loss_first_last=[losses[0], losses[-1]],
+                num_params=int(num_params), remat_policy=remat_policy, attention_impl=attention_impl,
+                jax=jax.__version__, devices=str(jax.devices()))
+
+
+def bench_reference(dtype: str, budget_s: float, ref_python: str, ref_script: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ref.json")
+        proc = subprocess.run([ref_python, ref_script, "--only", "train", "--dtype", dtype, "--budget", str(budget_s),
+                               "--json", out], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"reference benchmark failed ({ref_python} {ref_script}):\n{proc.stdout}{proc.stderr}")
+        with open(out) as f:
+            result = json.load(f)
+    train = result["measurements"]["train"]
+    return dict(impl="perceiver-io", dtype=dtype, step_s=train["step_s"],
+                tokens_per_s_latents=train["tokens_per_s_latents"], tokens_per_s_seq=train["tokens_per_s_seq"],
+                num_params=train["num_params"], peak_rss_mib=train["peak_rss_mib"], env=result["env"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per measurement")
+    parser.add_argument("--ref-python", default=os.environ.get("PERCEIVER_IO_PYTHON", "/tmp/ref-venv/bin/python"))
+    parser.add_argument("--ref-script", default=str(DEFAULT_REF_SCRIPT))
+    parser.add_argument("--skip-reference", action="store_true", help="time our step only")
+    parser.add_argument("--remat-policy", default=None, help="rematerialise layers with this policy (default: off)")
+    parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--json", help="write all results to this file")
+    args = parser.parse_args()
+
+    results = []
+    for dtype in args.dtypes.split(","):
+        if dtype not in DTYPES:
+            raise SystemExit(f"--dtypes: {dtype!r} is not one of {sorted(DTYPES)}")
+        ours = bench_ours(dtype, args.budget, args.remat_policy, args.attention_impl)
+        line = (f"{dtype} ours:      {ours['tokens_per_s_latents']['median']:8.1f} tok/s (latents), step "
+                f"{ours['step_s']['median']:.3f} s (min {ours['step_s']['min']:.3f}, n={ours['step_s']['n']}), "
+                f"CPU {ours['step_cpu_s']['median']:.2f} s/step, compile {ours['compile_s']:.1f} s")
+        print(line, flush=True)
+        entry = {"dtype": dtype, "ours": ours}
+        if not args.skip_reference:
+            ref = bench_reference(dtype, args.budget, args.ref_python, args.ref_script)
+            assert ref["num_params"] == ours["num_params"], (ref["num_params"], ours["num_params"])
+            ratio = ours["tokens_per_s_latents"]["median"] / ref["tokens_per_s_latents"]["median"]
+            ratio_best = ours["tokens_per_s_latents"]["max"] / ref["tokens_per_s_latents"]["max"]
+            print(f"{dtype} perceiver-io: {ref['tokens_per_s_latents']['median']:8.1f} tok/s (latents), step "
+                  f"{ref['step_s']['median']:.3f} s (min {ref['step_s']['min']:.3f}, n={ref['step_s']['n']})")
+            print(f"{dtype} ratio ours / perceiver-io: {ratio:.2f}x (median tokens/s), {ratio_best:.2f}x (best step)",
+                  flush=True)
+            entry.update(reference=ref, ratio_median=ratio, ratio_best=ratio_best)
+        results.append(entry)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": BENCH_MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Training checkpoints: an orbax CheckpointManager in `<workdir>/checkpoints`.
+
+Each step directory holds four items:
+    params/     the parameters (orbax array checkpoint, restorable onto any mesh)
+    opt_state/  the optimizer state
+    meta/       step and RNG key data
+    data/       one JSON file per process with that process's input-iterator state (its position in the stream)
+
+Saves are asynchronous (training continues while arrays are written) and atomic: orbax writes to a temporary
+directory and renames it when every process has finished, so a job killed mid-save leaves no half checkpoint
+under a step's name. A checkpoint that is present but unreadable is reported, moved aside and the one before it used.
+(`perceiver_ar_jax/checkpoint.py` is the other format: a finished model directory for sampling and conversion.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+CHECKPOINTS_DIR = "checkpoints"
+ITEMS = ("params", "opt_state", "meta", "data")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-process input-iterator state
+class ProcessJsonHandler(ocp.CheckpointHandler):
+    """Every process writes (and reads back) its own JSON file: each host's input pipeline reads a different share
+    of the data, so each has its own position to resume from. (orbax's JSON handler writes on one host only.)"""
+
+    @staticmethod
+    def filename(process_index: int, process_count: int) -> str:
+        return f"process_{process_index}-of-{process_count}.json"
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        path = directory / self.filename(jax.process_index(), jax.process_count())
+        path.write_text(json.dumps(args.item, default=_numpy_to_python))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict[str, Any] | None:
+        """This process's state, or None when the checkpoint was written by a different number of processes."""
+        path = directory / self.filename(jax.process_index(), jax.process_count())
+        if not path.exists():
+            written = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+            logging.warning("no input-iterator state for process %d of %d in %s (it has %s): the data stream of "
+                            "this run starts afresh", jax.process_index(), jax.process_count(), directory, written)
+            return None
+        return json.loads(path.read_text())
+
+
+def _numpy_to_python(value):
+    if hasattr(value, "tolist"):  # numpy scalars and arrays in an iterator's state
+        return value.tolist()
+    raise TypeError(f"input-iterator state value {value!r} of type {type(value).__name__} is not JSON serialisable")
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    item: dict[str, Any]
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class UnreadableCheckpointError(RuntimeError):
+    pass
+
+
+class TrainingCheckpoints:
+    """The checkpoints of one training workdir: save every N steps, keep the last K, restore the newest good one."""
+
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False):
+        self.directory = str(workdir_path(workdir) / CHECKPOINTS_DIR)
+        self.read_only = read_only  # readers (load_params) never rename, delete or create anything
+        if not read_only:
+            self._report_incomplete()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def _report_incomplete(self) -> None:
+        directory = epath.Path(self.directory)
+        if jax.process_index() != 0 or not directory.is_dir():
+            return
+        for path in sorted(directory.iterdir(), key=lambda p: p.name):
+            if "tmp" in path.name:
+                logging.warning("incomplete checkpoint %s (a save interrupted before it finished) is ignored", path)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state, data_state: dict[str, Any] | None, *, force: bool = False) -> bool:
+        """Start an (asynchronous) save of `state` (a TrainState) at its step; False if that step is saved already."""
+        step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+            data=DataStateSave(data_state or {}),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any] | None]:
+        """Restore the TrainState at `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs), and
+        this process's data-iterator state."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            meta=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}),
+            data=DataStateRestore(),
+        )
+        restored = self.manager.restore(step, args=args)
+        state = abstract_state.replace(params=restored.params, opt_state=restored.opt_state,
+                                       step=restored.meta["step"], rng=restored.meta["rng"])
+        return state, restored.data
+
+    def restore_params(self, step: int, abstract_params) -> Any:
+        return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+                                    ).params
+
+    def restore_latest(self, restore_fn) -> tuple[int, Any] | None:
+        """Call restore_fn(step) on the newest step, falling back to older ones when a checkpoint is unreadable.
+
+        Unreadable checkpoints newer than the one restored are logged and, unless read-only, renamed to
+        `corrupted-<step>` so that training can save those steps again. When no checkpoint can be restored, nothing
+        is renamed (the cause is then more likely a changed config than corruption) and the first error is raised.
+        Returns (step, restore_fn's result), or None when there is no checkpoint at all.
+        """
+        failed = []
+        for step in reversed(self.steps()):
+            try:
+                result = restore_fn(step)
+            except Exception as e:  # noqa: BLE001 - orbax and the file system raise many types; all mean unreadable
+                message = str(e).splitlines()[0] if str(e) else ""
+                logging.error("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                              f"{self.directory}/{step}", type(e).__name__, message)
+                failed.append((step, e))
+                continue
+            for bad_step, _ in failed:
+                self._set_aside(bad_step)
+            return step, result
+        if failed:
+            step, error = failed[0]
+            raise UnreadableCheckpointError(
+                f"none of the checkpoints {self.steps()} in {self.directory} can be restored; the newest failed with "
+                f"{type(error).__name__}: {error}. If the config changed, use the config the run was started with "
+                "or another workdir; move the checkpoints away to start afresh") from error
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        if self.read_only:
+            return
+        src = epath.Path(self.directory) / str(step)
+        if jax.process_index() == 0 and src.is_dir():
+            dst, n = src.parent / f"corrupted-{step}", 1
+            while dst.exists():
+                dst, n = src.parent / f"corrupted-{step}.{n}", n + 1
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process when the cluster announced a preemption (multi-host; needs jax.distributed)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+    """A workdir as an etils Path: local paths made absolute, gs:// and other URLs as they are."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+    return (workdir_path(path) / CHECKPOINTS_DIR).is_dir()
+
+
+def load_params(workdir: str | os.PathLike, abstract_params) -> tuple[int, Any]:
+    """The parameters of the newest readable checkpoint of a training workdir -> (step, params).
+
+    abstract_params: ShapeDtypeStructs with shardings (the layout to restore onto)."""
+    checkpoints = TrainingCheckpoints(workdir, read_only=True, async_save=False)
+    try:
+        found = checkpoints.restore_latest(lambda step: checkpoints.restore_params(step, abstract_params))
+    finally:
+        checkpoints.close()
+    if found is None:
+        raise UnreadableCheckpointError(f"no readable training checkpoint in {checkpoints.directory}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class StopSignal:
+    """SIGTERM (preemption notice on most clusters) -> a flag that the training loop checks after every step, so
+    it can save and exit cleanly. Multi-host jobs use orbax's preemption sync point instead (all hosts must agree
+    on the step at which they stop), see `TrainingCheckpoints.reached_preemption`."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        logging.warning("received signal %d: saving a checkpoint and stopping after this step", signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

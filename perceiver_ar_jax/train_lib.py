@@ -1,0 +1,452 @@
+"""The training loop: build the mesh and state, resume or initialise, train, evaluate, checkpoint, log.
+
+    train_and_evaluate(config, workdir)
+
+`config` is an ml_collections ConfigDict as in configs/*.py (`batch_size` is the global batch, summed over all
+processes and devices). The workdir ends up a model directory too: `config.json` (the model config), the tokenizer
+files and `checkpoints/`, so `perceiver_ar_jax.checkpoint.load_model(workdir)` and the sampler read the newest
+good parameters straight from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from perceiver_ar_jax import checkpoint as model_dir
+from perceiver_ar_jax import checkpointing, optim, partitioning
+from perceiver_ar_jax import metrics as metrics_lib
+from perceiver_ar_jax.checkpointing import StopSignal, TrainingCheckpoints
+from perceiver_ar_jax.config import CausalLanguageModelConfig
+from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.torch_checkpoint import TOKENIZER_FILES
+from perceiver_ar_jax.train_step import TrainState, eval_step, train_step
+
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+class BatchIterator(Protocol):
+    """What the input pipeline yields: numpy dicts of (per-process batch, max_seq_len) arrays, resumable."""
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+# split ("train" | "eval"), per-process batch size -> a fresh iterator at the start of that split's stream
+DatasetFactory = Callable[[str, int], BatchIterator]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState  # the state after the last step run
+    history: list[dict[str, float]]  # one entry per step run: step, loss, z_loss, grad_norm, learning_rate
+    evals: list[dict[str, float]]  # one entry per evaluation: step, loss, perplexity, bits_per_token
+    stopped_early: bool  # True when a stop signal or preemption ended the run before num_train_steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+def model_config_from(config: ml_collections.ConfigDict) -> CausalLanguageModelConfig:
+    return CausalLanguageModelConfig.from_dict(config.model.to_dict(), strict=True)
+
+
+def check_config(config: ml_collections.ConfigDict, model_config: CausalLanguageModelConfig,
+                 mesh: jax.sharding.Mesh) -> None:
+    """Raise ValueError naming the first training field that is out of range for this config and mesh."""
+    shards, processes = partitioning.num_batch_shards(mesh), jax.process_count()
+
+    def need(ok: bool, field: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{field}={value!r} is out of range: must be {allowed}")
+
+    need(config.num_train_steps >= 1, "num_train_steps", config.num_train_steps, ">= 1")
+    need(config.grad_accum_steps >= 1, "grad_accum_steps", config.grad_accum_steps, ">= 1")
+    for field, microbatches in (("batch_size", config.grad_accum_steps), ("eval_batch_size", 1)):
+        size = config[field]
+        need(size >= 1 and size % (processes * microbatches * shards) == 0, field, size,
+             f"a multiple of processes ({processes}) x grad_accum_steps ({microbatches}) x the data-parallel "
+             f"devices (data x fsdp = {shards})" if microbatches > 1 else
+             f"a multiple of processes ({processes}) x the data-parallel devices (data x fsdp = {shards})")
+    need(config.data.max_seq_len == model_config.max_seq_len, "data.max_seq_len", config.data.max_seq_len,
+         f"equal to model.max_seq_len ({model_config.max_seq_len})")
+    need(model_config.max_latents <= config.data.min_seq_len <= config.data.max_seq_len, "data.min_seq_len",
+         config.data.min_seq_len, f"in [model.max_latents ({model_config.max_latents}), data.max_seq_len "
+         f"({config.data.max_seq_len})]")
+    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "sample_every_steps"):
+        need(config[field] >= 0, field, config[field], ">= 0 (0 = never)")
+    need(config.num_eval_batches >= 1 or not config.eval_every_steps, "num_eval_batches", config.num_eval_batches,
+         ">= 1 when eval_every_steps > 0")
+    need(config.z_loss_weight >= 0, "z_loss_weight", config.z_loss_weight, ">= 0")
+
+
+def default_datasets(config: ml_collections.ConfigDict, tokenizer) -> DatasetFactory:
+    """The input pipeline of perceiver_ar_jax.data: TFDS (e.g. c4/en) or local text, this process's share."""
+    from perceiver_ar_jax import data
+
+    if tokenizer is None:
+        raise ValueError("config.tokenizer_dir='' is out of range: the input pipeline needs a tokenizer directory "
+                         "(spiece.model, tokenizer_config.json)")
+
+    def make(split: str, batch_size: int) -> BatchIterator:
+        train = split == "train"
+        # evaluation starts at the beginning of the eval split every time, so it sees the same batches; the split
+        # repeats so that every process yields num_eval_batches batches even when its share is short (processes
+        # must run the same number of eval steps)
+        return data.make_dataset(config.data, tokenizer, split=config.data.train_split if train else
+                                 config.data.eval_split, batch_size=batch_size, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), seed=config.seed, train=train, repeat=True)
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state
+def make_init_fn(model: CausalLanguageModel, optimizer, seed: int) -> Callable[[], TrainState]:
+    """() -> TrainState with boxed (logically partitioned) params and optimizer state."""
+
+    def init() -> TrainState:
+        params_key, dropout_key = jax.random.split(jax.random.key(seed))
+        ids = jnp.zeros((1, model.config.max_latents), jnp.int32)  # parameter shapes do not depend on length
+        params = model.init(params_key, ids, prefix_len=0)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.key_data(dropout_key))
+
+    return init
+
+
+def state_layout(init_fn, mesh, rules) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, the tree of shardings) without allocating anything."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = partitioning.tree_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules)
+    return partitioning.abstract_with_shardings(nn.unbox(abstract), shardings), shardings
+
+
+def check_same_parameters(source_config: CausalLanguageModelConfig, abstract_params, what: str) -> None:
+    """Raise ValueError naming the first parameter whose shape differs between source_config and ours."""
+    ours = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    theirs = dict(jax.tree_util.tree_flatten_with_path(model_dir.abstract_params(source_config))[0])
+    if len(ours) != len(theirs):
+        raise ValueError(f"{what}: its model has {len(theirs)} parameter arrays, this config's {len(ours)}; the "
+                         "architectures differ")
+    for path, leaf in ours:
+        other = theirs.get(path)
+        if other is None or other.shape != leaf.shape:
+            raise ValueError(f"{what}: parameter {jax.tree_util.keystr(path)} has shape "
+                             f"{None if other is None else other.shape} there but {leaf.shape} in this config")
+
+
+def load_pretrained_params(directory: str, model_config: CausalLanguageModelConfig, abstract_params, shardings):
+    """Parameters of a converted model directory (or a training workdir) for fine-tuning, onto our shardings."""
+    source_config = model_dir.read_config(directory)
+    check_same_parameters(source_config, abstract_params, f"init_from={directory}")
+    for field in ("num_self_attention_rotary_layers", "abs_pos_emb", "num_heads"):
+        if getattr(source_config, field) != getattr(model_config, field):
+            logging.warning("init_from: %s is %r in %s but %r here", field, getattr(source_config, field),
+                            directory, getattr(model_config, field))
+    _, params = model_dir.load_model(directory, sharding=shardings)
+    return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract_params)
+
+
+def read_workdir_model_config(workdir: epath.Path) -> CausalLanguageModelConfig | None:
+    """The model config a workdir's checkpoints were trained with (its config.json), or None for a new workdir."""
+    path = workdir / model_dir.CONFIG_FILE
+    if not path.exists() or not checkpointing.is_training_workdir(workdir):
+        return None
+    return CausalLanguageModelConfig.from_dict(json.loads(path.read_text())["model_config"], strict=True)
+
+
+def write_workdir_files(workdir: epath.Path, config, model_config: CausalLanguageModelConfig, tokenizer_dir) -> None:
+    """config.json (the model directory format), train_config.json and the tokenizer files (process 0).
+
+    With them the workdir is also a model directory: perceiver_ar_jax.checkpoint.load_model(workdir) reads it."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / model_dir.CONFIG_FILE).write_text(json.dumps(
+        {"model_type": model_dir.MODEL_TYPE, "model_config": model_config.to_dict()}, indent=2, sort_keys=True))
+    (workdir / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    for name in TOKENIZER_FILES if tokenizer_dir else ():
+        src = epath.Path(tokenizer_dir) / name
+        if src.exists():
+            (workdir / name).write_bytes(src.read_bytes())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       datasets: DatasetFactory | None = None) -> TrainResult:
+    """Train `config` in `workdir`, resuming from its newest good checkpoint if there is one.
+
+    datasets: overrides the input pipeline (tests, custom data); default: perceiver_ar_jax.data per config.data.
+    """
+    workdir = checkpointing.workdir_path(workdir)  # local, or gs://... on TPU VMs
+    model_config = model_config_from(config)
+    mesh = partitioning.create_mesh(config.mesh)
+    check_config(config, model_config, mesh)
+    rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+    logging.info("mesh %s on %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+
+    tokenizer = None
+    if config.tokenizer_dir:
+        from perceiver_ar_jax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(config.tokenizer_dir)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"config.model.vocab_size={model_config.vocab_size} is out of range: must be >= the "
+                             f"tokenizer's vocabulary ({tokenizer.vocab_size}, {config.tokenizer_dir})")
+    datasets = datasets or default_datasets(config, tokenizer)
+
+    model = CausalLanguageModel(model_config)
+    optimizer = optim.make_optimizer(config)
+    schedule = optim.make_schedule(config)
+    init_fn = make_init_fn(model, optimizer, config.seed)
+    abstract_state, state_shardings = state_layout(init_fn, mesh, rules)
+    trained_with = read_workdir_model_config(workdir)
+    if trained_with is not None:
+        # a resumed run must have the architecture of its checkpoints (say so before trying to restore them)
+        check_same_parameters(trained_with, abstract_state.params, f"the checkpoints in --workdir={workdir}")
+    write_workdir_files(workdir, config, model_config, config.tokenizer_dir)
+
+    with jax.set_mesh(mesh):
+        checkpoints = TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
+                                          async_save=config.async_checkpointing)
+        loop = None
+        try:
+            state, train_iter = restore_or_init(config, model_config, checkpoints, datasets, init_fn,
+                                                abstract_state, state_shardings)
+            batch_sharding = partitioning.batch_sharding(mesh)
+            replicated = partitioning.replicated(mesh)
+            p_train_step = jax.jit(
+                lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
+                                        num_microbatches=config.grad_accum_steps, z_loss_weight=config.z_loss_weight),
+                in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                donate_argnums=(0,))
+            p_eval_step = jax.jit(lambda p, b: eval_step(p, b, model=model),
+                                  in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
+            loop = _Loop(config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
+                         schedule)
+            return loop.run(state, train_iter)
+        finally:
+            if loop is not None:
+                loop.close()
+            else:
+                checkpoints.close()
+
+
+def restore_or_init(config, model_config, checkpoints, datasets, init_fn, abstract_state, state_shardings):
+    """(state, this process's training iterator): from the newest good checkpoint, else freshly initialised
+    (with init_from's parameters when given)."""
+    found = checkpoints.restore_latest(lambda step: checkpoints.restore(step, abstract_state))
+    data_state = None
+    if found is not None:
+        state, data_state = found[1]
+        logging.info("resumed from the checkpoint at step %d in %s", found[0], checkpoints.directory)
+        if config.init_from:
+            logging.info("init_from=%s is ignored: the run resumes from its own checkpoint", config.init_from)
+    else:
+        state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_shardings)()
+        if config.init_from:
+            params = load_pretrained_params(config.init_from, model_config, abstract_state.params,
+                                            state_shardings.params)
+            state = state.replace(params=params)
+            logging.info("parameters initialised from %s", config.init_from)
+    train_iter = datasets("train", config.batch_size // jax.process_count())
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    return state, train_iter
+
+
+class _Loop:
+    """The step loop and its periodic jobs (logging, evaluation, samples, checkpoints, preemption)."""
+
+    def __init__(self, config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
+                 schedule):
+        self.config, self.workdir, self.model, self.tokenizer, self.mesh = config, workdir, model, tokenizer, mesh
+        self.checkpoints, self.datasets, self.schedule = checkpoints, datasets, schedule
+        self.p_train_step, self.p_eval_step = p_train_step, p_eval_step
+        self.writer = metrics_lib.MetricsWriter(str(workdir), tensorboard=config.tensorboard)
+        self.stop_signal = StopSignal() if jax.process_count() == 1 else None
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet fetched from the devices
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.last_good_step: int | None = checkpoints.latest_step()
+        self.sampling_enabled = config.sample_every_steps > 0 and tokenizer is not None
+
+    def close(self) -> None:
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        self.writer.close()
+        if self.stop_signal is not None:
+            self.stop_signal.restore()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self, state: TrainState, train_iter: BatchIterator) -> TrainResult:
+        config = self.config
+        start = int(jax.device_get(state.step))
+        total = config.num_train_steps
+        peak = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
+        throughput = metrics_lib.Throughput(
+            start, total, tokens_per_step=config.batch_size * config.model.max_seq_len,
+            flops_per_step=metrics_lib.train_flops_per_step(self.model.config, config.batch_size,
+                                                            config.model.max_seq_len),
+            peak_flops_total=None if peak is None else peak * jax.device_count())
+        if start >= total:
+            logging.info("nothing to do: the checkpoint is at step %d and num_train_steps is %d", start, total)
+        stopped_early = False
+        for step in range(start + 1, total + 1):  # `step` = number of updates done after this iteration
+            try:
+                batch = next(train_iter)
+            except StopIteration:
+                raise RuntimeError(f"the training data ran out after {step - 1} steps; num_train_steps is {total}. "
+                                   "Use a repeating training split (the data config) or fewer steps") from None
+            state, step_metrics = self.p_train_step(state, partitioning.make_global_batch(batch, self.mesh))
+            self.pending.append((step, step_metrics))
+            if step == start + 1:
+                throughput.reset(step)  # the first step includes compilation
+
+            stop = self.should_stop(step)
+            last = step == total
+            if (config.log_every_steps and step % config.log_every_steps == 0) or last or stop:
+                self.log_train(step, throughput)
+            if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or last or stop:
+                self.save(state, train_iter)
+            if stop:
+                stopped_early = not last
+                logging.warning("stopped at step %d of %d on request; rerun the same command to resume", step,
+                                total)
+                break
+            if config.eval_every_steps and (step % config.eval_every_steps == 0 or last):
+                self.evaluate(step, state.params)
+                throughput.reset(step)
+            if self.sampling_enabled and (step % config.sample_every_steps == 0 or last):
+                self.sample(step, state.params)
+                throughput.reset(step)
+        self.flush_pending()
+        self.writer.flush()
+        return TrainResult(state=state, history=self.history, evals=self.evals, stopped_early=stopped_early)
+
+    def should_stop(self, step: int) -> bool:
+        if self.stop_signal is not None:
+            return self.stop_signal.received is not None
+        return self.checkpoints.reached_preemption(step)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def flush_pending(self) -> list[dict[str, float]]:
+        """Fetch the metrics of the steps run since the last fetch; stop on a non-finite loss."""
+        if not self.pending:
+            return []
+        fetched = jax.device_get([m for _, m in self.pending])
+        rows = []
+        for (step, _), values in zip(self.pending, fetched, strict=True):
+            row = {"step": step, **{k: float(v) for k, v in values.items()},
+                   "learning_rate": float(self.schedule(step - 1))}
+            rows.append(row)
+        self.pending = []
+        self.history.extend(rows)
+        bad = [r for r in rows if not all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "param_norm"))]
+        if bad:
+            self.checkpoints.wait()
+            where = (f"the last good checkpoint is step {self.last_good_step} in {self.checkpoints.directory}"
+                     if self.last_good_step is not None else "no checkpoint was written")
+            b = bad[0]
+            raise NonFiniteLossError(
+                f"training diverged at step {b['step']}: loss {b['loss']}, grad norm {b['grad_norm']}, parameter "
+                f"norm {b['param_norm']}; stopped without saving the broken parameters ({where}). Try a lower "
+                "learning_rate, a longer warmup_steps, max_grad_norm > 0 or z_loss_weight > 0; rerunning resumes "
+                "from that checkpoint")
+        return rows
+
+    def log_train(self, step: int, throughput: metrics_lib.Throughput) -> None:
+        rows = self.flush_pending()  # waits for the step to finish, so the rates below are true
+        rates = throughput.update(step)
+        if not rows:
+            return
+        tokens = sum(r["num_tokens"] for r in rows)
+        values = {
+            "loss": sum(r["loss"] * r["num_tokens"] for r in rows) / max(tokens, 1.0),
+            "z_loss": sum(r["z_loss"] * r["num_tokens"] for r in rows) / max(tokens, 1.0),
+            "grad_norm": rows[-1]["grad_norm"],
+            "param_norm": rows[-1]["param_norm"],
+            "learning_rate": rows[-1]["learning_rate"],
+            **rates,
+        }
+        if not self.config.z_loss_weight:
+            del values["z_loss"]
+        self.writer.scalars(step, {f"train/{k}": v for k, v in values.items()})
+        self.writer.console(metrics_lib.progress_line(step, self.config.num_train_steps, values))
+
+    def save(self, state: TrainState, train_iter: BatchIterator) -> None:
+        self.flush_pending()  # never save parameters that a non-finite loss has broken
+        if self.checkpoints.save(state, train_iter.get_state()):
+            self.last_good_step = int(jax.device_get(state.step))
+
+    def evaluate(self, step: int, params) -> None:
+        """Validation loss, perplexity and bits per token on the first num_eval_batches batches of the eval split."""
+        config = self.config
+        eval_iter = self.datasets("eval", config.eval_batch_size // jax.process_count())
+        sums, batches = None, 0
+        for _ in range(config.num_eval_batches):
+            try:
+                batch = next(eval_iter)
+            except StopIteration:
+                break
+            out = self.p_eval_step(params, partitioning.make_global_batch(batch, self.mesh))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+            batches += 1
+        if sums is None:
+            logging.warning("evaluation at step %d skipped: the eval split yielded no batch", step)
+            return
+        sums = jax.device_get(sums)
+        values = metrics_lib.eval_summary(float(sums["loss_sum"]), float(sums["num_tokens"]))
+        self.evals.append({"step": step, **values})
+        self.writer.scalars(step, {f"eval/{k}": v for k, v in values.items()})
+        self.writer.console(f"eval at step {step} ({batches} batches): loss {values['loss']:.4f} | perplexity "
+                            f"{values['perplexity']:.2f} | bits/token {values['bits_per_token']:.4f}")
+
+    def sample(self, step: int, params) -> None:
+        """A sampled continuation of config.sample_prompt, if the sampler exists (single-process runs)."""
+        config = self.config
+        if jax.process_count() > 1:
+            self.sampling_enabled = False
+            logging.info("periodic samples are only drawn in single-process runs")
+            return
+        try:
+            from perceiver_ar_jax.sampling import generate
+        except ImportError as e:
+            self.sampling_enabled = False
+            logging.info("periodic samples skipped: the sampler is not available (%s)", e)
+            return
+        try:
+            # documents follow an end-of-sequence token in the training stream
+            prompt = [self.tokenizer.eos_id] + self.tokenizer.encode(config.sample_prompt)
+            prompt = prompt[-(self.model.config.max_seq_len - config.sample_max_new_tokens):]
+            ids = np.asarray([prompt], np.int32)
+            out = generate(self.model, params, ids, num_latents=min(config.sample_num_latents, len(prompt)),
+                           max_new_tokens=config.sample_max_new_tokens, do_sample=True, top_k=config.sample_top_k,
+                           rng=jax.random.key(step))
+            # prompt and continuation decoded together (a leading space is dropped at the start of a decode)
+            text = self.tokenizer.decode(np.asarray(jax.device_get(out))[0].tolist(), skip_special_tokens=True)
+        except Exception as e:  # noqa: BLE001 - a failed sample must not end a training run
+            self.sampling_enabled = False
+            logging.warning("periodic samples disabled: sampling failed (%s: %s)", type(e).__name__, e)
+            return
+        self.writer.texts(step, {"sample": text})
+        self.writer.console(f"sample at step {step}: {text!r}")
+

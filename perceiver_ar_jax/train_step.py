@@ -1,0 +1,138 @@
+"""The pure training and evaluation steps of Perceiver AR.
+
+A batch is a dict of (batch, seq_len) arrays from the input pipeline: `input_ids` int32, `labels` int32 (the
+inputs shifted left by one) and `pad_mask` bool (True = pad; rows are left-padded). As in perceiver-io's
+`LitCausalSequenceModel.step`, the prefix is `seq_len - max_latents` tokens, the model predicts the labels of the
+last `max_latents` positions only, and positions whose input is a pad are left out of the loss. The loss of a step
+is the mean cross-entropy over all loss positions of the global batch (every token counts the same, however the
+batch is split over devices or microbatches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from perceiver_ar_jax.model import CausalLanguageModel
+
+Batch = Mapping[str, jnp.ndarray]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (and saves in its checkpoints).
+
+    step: int32 scalar, optimizer updates done so far; params: float32 parameter tree; opt_state: optax state;
+    rng: uint32 key data (jax.random.key_data) from which each step's dropout key is derived.
+    """
+
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
+    rng: jnp.ndarray
+
+
+def prefix_len_of(model: CausalLanguageModel, seq_len: int) -> int:
+    """seq_len - max_latents: the prefix of a training sequence (perceiver-io's `step`)."""
+    max_latents = model.config.max_latents
+    if seq_len < max_latents:
+        raise ValueError(f"training sequence length {seq_len} is out of range: must be >= max_latents ({max_latents})")
+    return seq_len - max_latents
+
+
+def token_losses(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """logits (batch, n, vocab) float32, labels (batch, n) int -> cross-entropy and log Z, both (batch, n) float32."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logits = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_z - label_logits, log_z
+
+
+def loss_sums(model: CausalLanguageModel, params: Any, batch: Batch, *, deterministic: bool,
+              dropout_rng: jax.Array | None = None) -> dict[str, jnp.ndarray]:
+    """Forward pass on one (micro)batch -> sums over its loss positions: cross-entropy, log Z squared and the
+    number of loss positions (float32 scalars)."""
+    input_ids, labels, pad_mask = batch["input_ids"], batch["labels"], batch["pad_mask"]
+    prefix_len = prefix_len_of(model, input_ids.shape[1])
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    logits = model.apply({"params": params}, input_ids, prefix_len=prefix_len, pad_mask=pad_mask,
+                         deterministic=deterministic, rngs=rngs)
+    weights = (~pad_mask[:, prefix_len:]).astype(jnp.float32)
+    ce, log_z = token_losses(logits, labels[:, prefix_len:])
+    return {
+        "loss_sum": jnp.sum(ce * weights),
+        "z_loss_sum": jnp.sum(jnp.square(log_z) * weights),
+        "num_tokens": jnp.sum(weights),
+    }
+
+
+def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+    """(batch, n) arrays -> (num_microbatches, batch / num_microbatches, n). Microbatch i takes rows i, i + k, ...
+    so that each device's block of rows (the batch is sharded along its first axis) stays on that device."""
+    def split(x):
+        b = x.shape[0]
+        if b % num_microbatches:
+            raise ValueError(f"batch size {b} is not divisible by num_microbatches ({num_microbatches})")
+        return jnp.swapaxes(x.reshape(b // num_microbatches, num_microbatches, *x.shape[1:]), 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: CausalLanguageModel,
+    optimizer: optax.GradientTransformation,
+    num_microbatches: int = 1,
+    z_loss_weight: float = 0.0,
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+    """One optimizer update on a global batch, gradients accumulated over `num_microbatches` slices of it.
+
+    The objective is sum(cross-entropy + z_loss_weight * logZ^2) / number of loss positions, over the whole batch.
+    Returns the new state and metrics: loss (mean cross-entropy), z_loss, num_tokens, grad_norm (before clipping),
+    param_norm (after the update).
+    """
+    num_tokens = jnp.maximum(jnp.sum(~batch["pad_mask"][:, prefix_len_of(model, batch["pad_mask"].shape[1]):]), 1)
+    num_tokens = num_tokens.astype(jnp.float32)
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def objective(params, microbatch, rng):
+        sums = loss_sums(model, params, microbatch, deterministic=False, dropout_rng=rng)
+        return (sums["loss_sum"] + z_loss_weight * sums["z_loss_sum"]) / num_tokens, sums
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if num_microbatches == 1:
+        (_, sums), grads = grad_fn(state.params, batch, step_rng)
+    else:
+        def accumulate(carry, xs):
+            index, microbatch = xs
+            grads, sums = carry
+            (_, mb_sums), mb_grads = grad_fn(state.params, microbatch, jax.random.fold_in(step_rng, index))
+            return (jax.tree.map(jnp.add, grads, mb_grads), jax.tree.map(jnp.add, sums, mb_sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "num_tokens")}
+        xs = (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), xs)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": sums["loss_sum"] / num_tokens,
+        "z_loss": sums["z_loss_sum"] / num_tokens,
+        "num_tokens": sums["num_tokens"],
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),  # also tells whether the new parameters are still finite
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: CausalLanguageModel) -> dict[str, jnp.ndarray]:
+    """Deterministic forward pass -> {"loss_sum", "num_tokens"} over the loss positions of the batch."""
+    sums = loss_sums(model, params, batch, deterministic=True)
+    return {"loss_sum": sums["loss_sum"], "num_tokens": sums["num_tokens"]}

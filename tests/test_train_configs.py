@@ -1,0 +1,120 @@
+"""The training configs in configs/ and the flags of train.py."""
+
+import importlib.util
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from perceiver_ar_jax import checkpoint as model_dir
+from perceiver_ar_jax import partitioning, train_lib
+from perceiver_ar_jax.model import CausalLanguageModel
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
+
+
+def load(name):
+    path = REPO / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO))  # configs import each other as `configs.X`, as under train.py
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO))
+    return module.get_config()
+
+
+def test_the_three_configs_exist():
+    assert {"tiny", "c4_455m", "c4_8k"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_a_valid_model_and_training_setup(name):
+    config = load(name)
+    model_config = train_lib.model_config_from(config)
+    assert config.data.max_seq_len == model_config.max_seq_len
+    mesh = partitioning.create_mesh(config.mesh)  # one CPU device
+    train_lib.check_config(config, model_config, mesh)
+
+
+def test_c4_455m_is_the_released_model_with_its_training_settings():
+    config = load("c4_455m")
+    model_config = train_lib.model_config_from(config)
+    expected_model = dict(vocab_size=32000, max_seq_len=1024, max_latents=512, num_channels=1280, num_heads=10,
+                          num_self_attention_layers=20, abs_pos_emb=False, output_norm=True, output_bias=False,
+                          max_heads_parallel=2, cross_attention_dropout=0.0, post_attention_dropout=0.0,
+                          residual_dropout=0.0, init_scale=0.02, dtype="bfloat16", param_dtype="float32")
+    assert {k: getattr(model_config, k) for k in expected_model} == expected_model
+    expected_training = dict(batch_size=256, learning_rate=3e-4, warmup_steps=1000, lr_min_fraction=0.1,
+                             max_grad_norm=1.0, num_train_steps=50_000, eval_every_steps=500, num_eval_batches=20,
+                             grad_accum_steps=1)
+    assert {k: config[k] for k in expected_training} == expected_training
+    assert (config.data.source, config.data.tfds_name, config.data.min_seq_len) == ("tfds", "c4/en", 512)
+    abstract = model_dir.abstract_params(model_config)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == 453_950_720
+
+
+def test_c4_455m_shards_every_large_parameter_on_a_pod_slice_mesh():
+    """With fsdp=128, tensor=2 (256 chips) each parameter of 1280 x 1280 or more is split over both axes (tensor
+    must divide the 10 heads)."""
+    config = load("c4_455m")
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 128, "tensor": 2})  # mesh_spec reads axis sizes only
+    rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+    model = CausalLanguageModel(train_lib.model_config_from(config))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), prefix_len=0))
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    specs = jax.tree_util.tree_flatten_with_path(nn.get_partition_spec(boxed)["params"], is_leaf=is_spec)[0]
+    for (path, spec), leaf in zip(specs, jax.tree.leaves(nn.unbox(boxed)["params"]), strict=True):
+        placed = partitioning.mesh_spec(spec, leaf.shape, mesh, rules)
+        if math.prod(leaf.shape) >= 1280 * 1280:
+            assert "fsdp" in placed and "tensor" in placed, (jax.tree_util.keystr(path), placed)
+
+
+def test_long_context_config_keeps_tokens_per_step():
+    long, base = load("c4_8k"), load("c4_455m")
+    assert (long.model.max_seq_len, long.model.max_latents) == (8192, 1024)
+    assert long.batch_size * long.model.max_seq_len == base.batch_size * base.model.max_seq_len
+
+
+def test_model_and_data_max_seq_len_are_one_field():
+    config = load("tiny")
+    config.model.max_seq_len = 512
+    assert config.data.max_seq_len == 512
+
+
+def test_train_py_runs_with_overrides_from_the_command_line(tmp_path):
+    """train.py end to end on the local-text path of the input pipeline: tokenizer, text data, flags."""
+    from pydoc_data.topics import topics
+
+    from perceiver_ar_jax.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in sorted(topics)[:40]:
+        (corpus / f"{name}.txt").write_text(topics[name])
+    train_tokenizer(sorted(corpus.glob("*.txt")), tmp_path / "tok", vocab_size=300)
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config=" + str(REPO / "configs" / "tiny.py"),
+           f"--workdir={workdir}", "--config.num_train_steps=4", "--config.batch_size=4", "--config.eval_batch_size=4",
+           "--config.model.vocab_size=300", "--config.model.num_channels=32", "--config.model.max_seq_len=64",
+           "--config.model.max_latents=32", "--config.data.min_seq_len=32", f"--config.data.text_paths=('{corpus}',)",
+           f"--config.tokenizer_dir={tmp_path / 'tok'}", "--config.log_every_steps=2", "--config.eval_every_steps=4",
+           "--config.sample_every_steps=0", "--config.tensorboard=False", "--config.mesh.ici_parallelism=(1,1,1)"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "step 4/4 | loss" in proc.stdout and "eval at step 4" in proc.stdout
+    config, _ = model_dir.load_model(workdir)
+    assert (config.num_channels, config.max_seq_len, config.vocab_size) == (32, 64, 300)  # the overrides
+    assert (workdir / "spiece.model").is_file() and (workdir / "train_config.json").is_file()
+    bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path / 'bad'}", "--config.model.max_latents=2000"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode != 0 and "max_latents" in bad.stderr

@@ -1,0 +1,90 @@
+"""Training on device meshes and across processes gives the single-device result.
+
+The meshes run in a subprocess with 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8),
+the multi-process run as two local processes joined by jax.distributed on 127.0.0.1 (gloo CPU collectives), so
+that this test process keeps its one device. The single-device reference runs here.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perceiver_ar_jax import train_lib
+from tests.synthetic_data import synthetic_datasets, tiny_train_config
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def worker_env(num_devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tmp_path_factory):
+    config = tiny_train_config()
+    result = train_lib.train_and_evaluate(config, str(tmp_path_factory.mktemp("one")),
+                                          datasets=synthetic_datasets(config))
+    return [h["loss"] for h in result.history]
+
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("meshes")
+    out = tmp / "out.json"
+    proc = subprocess.run([sys.executable, str(WORKER), "meshes", str(out), str(tmp)], env=worker_env(8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("shape", ["(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"])
+def test_mesh_gives_the_single_device_loss(mesh_results, one_device_losses, shape):
+    losses = mesh_results["losses"][shape]
+    assert len(losses) >= 3 and len(one_device_losses) == 8  # (2, 2, 2) ran until stopped at step 3 or later
+    np.testing.assert_allclose(losses, one_device_losses[:len(losses)], rtol=1e-5)
+
+
+def test_restore_onto_another_mesh_is_exact_and_continues_the_run(mesh_results, one_device_losses):
+    assert mesh_results["restored_on_new_mesh_is_exact"]
+    assert mesh_results["restored_shardings_are_the_new_mesh"]
+    stop = mesh_results["stopped_at"]
+    assert 3 <= stop < 8 and mesh_results["restored_data_state"] == {"index": stop}
+    np.testing.assert_allclose(mesh_results["resumed_losses"], one_device_losses[stop:], rtol=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path, one_device_losses):
+    address = f"127.0.0.1:{free_port()}"
+    workdir = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "process", str(tmp_path / f"out{i}.json"), str(workdir),
+                               address, str(i), "2"], env=worker_env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-5000:]
+    results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert [(r["devices"], r["local_devices"]) for r in results] == [(4, 2), (4, 2)]
+    np.testing.assert_allclose(results[0]["losses"], one_device_losses, rtol=1e-5)
+    assert results[1]["losses"] == results[0]["losses"]
+    # each process saved its own input-iterator position
+    last = workdir / "checkpoints" / "8" / "data"
+    assert sorted(p.name for p in last.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -1,0 +1,149 @@
+"""The training loop on one CPU device: a whole run, resuming, checkpoint fallback, divergence, fine-tuning."""
+
+import glob
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from perceiver_ar_jax import checkpoint as model_dir
+from perceiver_ar_jax import train_lib
+from perceiver_ar_jax.checkpointing import TrainingCheckpoints
+from tests.synthetic_data import SigtermAtBatch, synthetic_datasets, tiny_train_config
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def run(config, workdir, datasets=None):
+    return train_lib.train_and_evaluate(config, str(workdir), datasets=datasets or synthetic_datasets(config))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: 8 steps in one go (checkpoints at 3, 6 and 8)."""
+    config = tiny_train_config()
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return config, workdir, run(config, workdir)
+
+
+def test_tiny_run_learns_and_leaves_a_loadable_workdir(tmp_path):
+    config = tiny_train_config(num_train_steps=30, learning_rate=1e-2, eval_every_steps=15, log_every_steps=10,
+                               checkpoint_every_steps=10, tensorboard=True)
+    result = run(config, tmp_path)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 30 and not result.stopped_early
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3  # the synthetic counter is learnable
+    assert [e["step"] for e in result.evals] == [15, 30]
+    assert result.evals[-1]["loss"] < result.evals[0]["loss"]
+    assert result.evals[-1]["perplexity"] == pytest.approx(np.exp(result.evals[-1]["loss"]))
+    assert result.evals[-1]["bits_per_token"] == pytest.approx(result.evals[-1]["loss"] / np.log(2))
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    assert TrainingCheckpoints(str(tmp_path), read_only=True).steps() == [10, 20, 30]
+    # the workdir is a model directory: the sampler's load_model reads the newest checkpoint's parameters
+    config_read, params = model_dir.load_model(tmp_path)
+    assert config_read == train_lib.model_config_from(config)
+    assert_trees_equal(params, result.state.params)
+
+
+def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(uninterrupted, tmp_path):
+    config, _, reference = uninterrupted
+    stopped = run(config, tmp_path, SigtermAtBatch(synthetic_datasets(config), index=4))
+    assert stopped.stopped_early
+    stop_step = int(stopped.state.step)
+    assert 4 <= stop_step < config.num_train_steps  # stopped right after the signal, with a checkpoint
+    assert TrainingCheckpoints(str(tmp_path), read_only=True).latest_step() == stop_step
+    resumed = run(config, tmp_path)
+    assert [h["step"] for h in resumed.history] == list(range(stop_step + 1, config.num_train_steps + 1))
+    # same losses step for step (the data stream continued where it stopped) and bitwise the same parameters,
+    # optimizer state and RNG
+    np.testing.assert_array_equal([h["loss"] for h in resumed.history],
+                                  [h["loss"] for h in reference.history[stop_step:]])
+    assert_trees_equal(resumed.state, reference.state)
+
+
+def test_unreadable_latest_checkpoint_is_reported_and_the_previous_one_used(uninterrupted, tmp_path, caplog):
+    config, reference_dir, reference = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(tmp_path / "checkpoints" / "6", tmp_path / "checkpoints" / "7")  # a newer checkpoint...
+    for f in glob.glob(str(tmp_path / "checkpoints" / "7" / "params" / "**" / "*"), recursive=True):
+        if os.path.isfile(f):
+            with open(f, "r+b") as fh:  # ... whose parameter files are cut short
+                fh.truncate(3)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    with caplog.at_level(logging.ERROR):
+        resumed = run(config, tmp_path)
+    assert "checkpoints/7 is unreadable" in caplog.text
+    assert os.path.isdir(tmp_path / "checkpoints" / "corrupted-7")  # set aside, not deleted
+    assert [h["step"] for h in resumed.history] == [7, 8]  # resumed from step 6
+    assert_trees_equal(resumed.state, reference.state)
+
+
+def test_interrupted_save_is_ignored(uninterrupted, tmp_path, caplog):
+    config, reference_dir, reference = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    os.rename(tmp_path / "checkpoints" / "6", tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234")
+    with caplog.at_level(logging.WARNING):
+        resumed = run(config, tmp_path)
+    assert "7.orbax-checkpoint-tmp-1234" in caplog.text and "ignored" in caplog.text
+    assert [h["step"] for h in resumed.history] == [4, 5, 6, 7, 8]
+    assert_trees_equal(resumed.state, reference.state)
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    # a learning rate of 1e25 after the first (lr 0) step blows the parameters up within a few steps
+    config = tiny_train_config(learning_rate=1e25, warmup_steps=2, checkpoint_every_steps=1, num_train_steps=8)
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"training diverged at step \d+.*last good checkpoint"):
+        run(config, tmp_path)
+    checkpoints = TrainingCheckpoints(str(tmp_path), read_only=True)
+    assert 1 <= checkpoints.latest_step() < 8
+    _, params = model_dir.load_model(tmp_path)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_init_from_a_model_directory_starts_from_its_parameters(uninterrupted, tmp_path):
+    config, _, reference = uninterrupted
+    source = tmp_path / "converted"
+    model_dir.save_model(source, train_lib.model_config_from(config), jax.device_get(reference.state.params))
+    # one step at warmup step 0 has learning rate 0, so the parameters after it are exactly the loaded ones
+    finetune = tiny_train_config(init_from=str(source), num_train_steps=1, seed=5)
+    result = run(finetune, tmp_path / "finetune")
+    assert_trees_equal(result.state.params, reference.state.params)
+
+
+def test_init_from_a_different_architecture_names_the_mismatch(uninterrupted, tmp_path):
+    config, reference_dir, _ = uninterrupted
+    wider = tiny_train_config(init_from=str(reference_dir), **{"model.num_channels": 48})
+    with pytest.raises(ValueError, match=r"init_from=.*parameter .* has shape"):
+        run(wider, tmp_path)
+
+
+def test_batch_size_that_the_mesh_cannot_split_is_rejected(tmp_path):
+    config = tiny_train_config(batch_size=6, grad_accum_steps=4)
+    with pytest.raises(ValueError, match=r"config.batch_size=6 is out of range: must be a multiple of"):
+        run(config, tmp_path)
+
+
+def test_resuming_with_another_architecture_is_refused_and_renames_nothing(uninterrupted, tmp_path):
+    config, reference_dir, _ = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    wider = tiny_train_config(num_train_steps=12, **{"model.num_channels": 48})
+    with pytest.raises(ValueError, match=r"checkpoints in --workdir=.*has shape"):
+        run(wider, tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6", "8"]
+
+
+def test_resuming_with_clipping_switched_off_continues(uninterrupted, tmp_path):
+    config, reference_dir, _ = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    more = tiny_train_config(num_train_steps=10, max_grad_norm=0.0)
+    result = run(more, tmp_path)
+    assert [h["step"] for h in result.history] == [9, 10]

@@ -1,0 +1,184 @@
+"""The pure train/eval steps, the optimizer and the learning-rate schedule."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from perceiver_ar_jax import optim
+from perceiver_ar_jax.config import CausalLanguageModelConfig
+from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.train_step import TrainState, eval_step, loss_sums, split_microbatches
+from perceiver_ar_jax.train_step import train_step as _train_step
+
+TINY = CausalLanguageModelConfig(vocab_size=50, max_seq_len=24, max_latents=8, num_channels=32, num_heads=2,
+                                 num_self_attention_layers=2, cross_attention_dropout=0.0, abs_pos_emb=False)
+
+
+def train_step(state, batch, **static):
+    """train_step compiled, as the training loop runs it (eager op-by-op execution is far slower)."""
+    return jax.jit(_train_step, static_argnames=tuple(static))(state, batch, **static)
+
+
+def opt_config(**overrides):
+    values = dict(learning_rate=1e-2, warmup_steps=2, num_train_steps=10, lr_min_fraction=0.1, adam_b1=0.9,
+                  adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01, max_grad_norm=1.0)
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
+def batch(batch_size=4, seq_len=24, seed=0, min_len=10, lengths=None):
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(1, TINY.vocab_size, size=(batch_size, seq_len + 1))
+    lengths = rng.integers(min_len, seq_len + 1, size=batch_size) if lengths is None else np.asarray(lengths)
+    pad = np.arange(seq_len)[None] < (seq_len - lengths)[:, None]
+    return {"input_ids": jnp.asarray(np.where(pad, 0, seq[:, :-1]), jnp.int32),
+            "labels": jnp.asarray(np.where(pad, 0, seq[:, 1:]), jnp.int32), "pad_mask": jnp.asarray(pad)}
+
+
+def new_state(config=TINY, optimizer=None, seed=0):
+    model = CausalLanguageModel(config)
+    params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32), prefix_len=0)["params"])
+    optimizer = optimizer or optim.make_optimizer(opt_config())
+    return model, optimizer, TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                        opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def torch_cosine_with_warmup(step, training_steps, warmup_steps, min_fraction, num_cycles=0.5):
+    """perceiver/scripts/lrs.py CosineWithWarmupLR's lr_lambda, transcribed."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    progress = float(step - warmup_steps) / float(max(1, training_steps - warmup_steps))
+    return min_fraction + max(0.0, 0.5 * (1.0 - min_fraction) * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
+
+
+@pytest.mark.parametrize("warmup,total,min_fraction", [(1000, 50_000, 0.1), (0, 100, 0.0), (7, 30, 0.25)])
+def test_schedule_is_perceiver_io_cosine_with_warmup(warmup, total, min_fraction):
+    schedule = optim.cosine_with_warmup_schedule(3e-4, warmup, total, min_fraction)
+    steps = sorted({0, 1, warmup // 2, max(warmup - 1, 0), warmup, warmup + 1, (warmup + total) // 2, total - 1,
+                    total})
+    got = np.array([float(schedule(s)) for s in steps])
+    want = np.array([3e-4 * torch_cosine_with_warmup(s, total, warmup, min_fraction) for s in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=3e-10)  # float32 near 0
+    assert float(schedule(0)) == 0.0 or warmup == 0  # the first update of a warmup has learning rate 0, as in torch
+    assert float(schedule(total)) == pytest.approx(3e-4 * min_fraction, rel=1e-5)
+
+
+def test_schedule_rejects_out_of_range_values():
+    with pytest.raises(ValueError, match="min_fraction=1.5"):
+        optim.cosine_with_warmup_schedule(1e-3, 10, 100, 1.5)
+    with pytest.raises(ValueError, match="learning_rate=0"):
+        optim.make_optimizer(opt_config(learning_rate=0))
+
+
+def test_loss_is_mean_cross_entropy_over_non_pad_latent_positions():
+    model, _, state = new_state()
+    b = batch(lengths=[24, 5, 12, 3])  # two rows shorter than the 8 latents: pads among the latent positions
+    prefix = 24 - TINY.max_latents
+    logits = jax.jit(model.apply, static_argnames="prefix_len")({"params": state.params}, b["input_ids"],
+                                                                prefix_len=prefix, pad_mask=b["pad_mask"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    labels = np.asarray(b["labels"])[:, prefix:]
+    keep = ~np.asarray(b["pad_mask"])[:, prefix:]
+    ce = -np.take_along_axis(np.asarray(logp), labels[..., None], axis=-1)[..., 0]
+    sums = jax.jit(lambda p, b: loss_sums(model, p, b, deterministic=True))(state.params, b)
+    assert float(sums["num_tokens"]) == keep.sum() < keep.size  # some latent positions are pads
+    np.testing.assert_allclose(float(sums["loss_sum"]), ce[keep].sum(), rtol=1e-5)
+    evaluated = jax.jit(lambda p, b: eval_step(p, b, model=model))(state.params, b)
+    np.testing.assert_allclose(float(evaluated["loss_sum"]), ce[keep].sum(), rtol=1e-5)
+
+
+def test_train_step_applies_clipped_adamw_to_the_loss_gradient():
+    model, optimizer, state = new_state()
+    b = batch()
+    new, metrics = train_step(state, b, model=model, optimizer=optimizer)
+
+    def loss(params):
+        s = loss_sums(model, params, b, deterministic=True)
+        return s["loss_sum"] / s["num_tokens"]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(state.params)
+    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optim.make_schedule(opt_config()),
+                                                                         weight_decay=0.01))
+    updates, _ = jax.jit(lambda g, p: reference.update(g, reference.init(p), p))(grads, state.params)
+    np.testing.assert_allclose(float(metrics["loss"]), float(value), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
+    assert int(new.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params,
+                 optax.apply_updates(state.params, updates))
+    # step 0 of the warmup has learning rate 0 (perceiver-io's LambdaLR): the parameters do not move yet
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new.params, state.params)
+    newer, _ = train_step(new, batch(seed=1), model=model, optimizer=optimizer)
+    assert not np.array_equal(newer.params["token_embedding"]["embedding"], new.params["token_embedding"]["embedding"])
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    # plain SGD with rate 1: the parameter change is exactly the accumulated gradient
+    model, optimizer, state = new_state(optimizer=optax.sgd(1.0))
+    b = batch(batch_size=8, lengths=[24, 5, 12, 3, 20, 9, 24, 16])
+    one, m1 = train_step(state, b, model=model, optimizer=optimizer)
+    four, m4 = train_step(state, b, model=model, optimizer=optimizer, num_microbatches=4)
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    jax.tree.map(lambda a, b, p: np.testing.assert_allclose(p - a, p - b, rtol=1e-4, atol=1e-8), four.params,
+                 one.params, state.params)
+
+
+def test_microbatches_take_interleaved_rows():
+    x = jnp.arange(12).reshape(6, 2)
+    split = split_microbatches({"x": x}, 3)["x"]
+    assert split.shape == (3, 2, 2)
+    np.testing.assert_array_equal(split[1], x[1::3])
+    with pytest.raises(ValueError, match="not divisible by num_microbatches"):
+        split_microbatches({"x": x}, 4)
+
+
+def test_z_loss_adds_mean_squared_log_normaliser():
+    model, optimizer, state = new_state(optimizer=optim.make_optimizer(opt_config(warmup_steps=0)))
+    b = batch()
+    _, plain = train_step(state, b, model=model, optimizer=optimizer)
+    _, with_z = train_step(state, b, model=model, optimizer=optimizer, z_loss_weight=1e-2)
+    prefix = 24 - TINY.max_latents
+    logits = jax.jit(model.apply, static_argnames="prefix_len")({"params": state.params}, b["input_ids"],
+                                                                prefix_len=prefix, pad_mask=b["pad_mask"])
+    keep = ~np.asarray(b["pad_mask"])[:, prefix:]
+    log_z = np.asarray(jax.nn.logsumexp(logits, axis=-1))
+    np.testing.assert_allclose(float(with_z["z_loss"]), (log_z[keep] ** 2).mean(), rtol=1e-5)
+    assert float(with_z["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-6)  # the reported loss is the CE
+    assert float(with_z["grad_norm"]) != pytest.approx(float(plain["grad_norm"]), rel=1e-4)
+
+
+def test_prefix_dropout_draws_from_the_step_rng():
+    config = TINY.replace(cross_attention_dropout=0.5)
+    model, optimizer, state = new_state(config)
+    b = batch(min_len=24)
+    _, m_a = train_step(state, b, model=model, optimizer=optimizer)
+    _, m_b = train_step(state, b, model=model, optimizer=optimizer)
+    _, m_c = train_step(state.replace(step=state.step + 1), b, model=model, optimizer=optimizer)
+    assert float(m_a["loss"]) == float(m_b["loss"])  # deterministic given state
+    assert float(m_a["loss"]) != float(m_c["loss"])  # another step drops other prefix positions
+    eval_loss = jax.jit(lambda p, b: eval_step(p, b, model=model))(state.params, b)  # evaluation: whole prefix
+    assert float(eval_loss["loss_sum"]) / float(eval_loss["num_tokens"]) != float(m_a["loss"])
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
+    config = TINY.replace(dtype="bfloat16")
+    model, optimizer, state = new_state(config)
+    new, metrics = train_step(state, batch(), model=model, optimizer=optimizer)
+    assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.float32)}
+    float_leaves = [x for x in jax.tree.leaves(new.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert {x.dtype for x in float_leaves} == {jnp.dtype(jnp.float32)}
+    _, reference = train_step(*new_state()[2:], batch(), model=CausalLanguageModel(TINY), optimizer=optimizer)
+    assert float(metrics["loss"]) == pytest.approx(float(reference["loss"]), rel=2e-2)
+
+
+def test_sequence_shorter_than_latents_is_rejected():
+    model, optimizer, state = new_state()
+    with pytest.raises(ValueError, match="must be >= max_latents"):
+        train_step(state, batch(seq_len=6, min_len=6), model=model, optimizer=optimizer)

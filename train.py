@@ -1,0 +1,31 @@
+"""Train Perceiver AR.
+
+    python train.py --config=configs/tiny.py --workdir=/tmp/tiny --config.num_train_steps=200
+
+Rerunning the same command resumes from the newest good checkpoint in --workdir. See the README for C4 on TPU pods.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from perceiver_ar_jax import partitioning, train_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, tokenizer and config.")
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    partitioning.initialize_distributed(FLAGS.config.distributed)  # before anything touches the devices
+    try:
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train_lib.NonFiniteLossError as e:
+        logging.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
