@@ -1,0 +1,104 @@
+"""Generate text with a Perceiver AR checkpoint, streamed to the terminal as it is produced.
+
+    python sample.py --checkpoint DIR --prompt "Recently, I started to work on my" --num_latents 2 \\
+        --max_new_tokens 16 --top_k 20 [--temperature T] [--top_p P] [--seed S] [--greedy] [--num_samples N]
+        [--prompt_file FILE] [--cache exact|perceiver-io] [--dtype bfloat16]
+
+DIR: a converted model directory (`python -m perceiver_ar_jax.convert`) or a training run's --workdir (its newest
+checkpoint), with the tokenizer files next to it. Sampling is the default (temperature, then top-k, then top-p);
+--greedy takes the most likely token. Sample i uses seed S + i. Compiled programs are cached on disk
+($JAX_COMPILATION_CACHE_DIR, else ~/.cache/perceiver_ar_jax/jax), so the next run starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt_file", help="read the prompt from this UTF-8 file")
+    ap.add_argument("--num_latents", type=int, default=1, help="latent positions at the end of the prompt")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with probability p")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--greedy", action="store_true", help="most likely token at every step (no sampling)")
+    ap.add_argument("--num_samples", type=int, default=1)
+    ap.add_argument("--cache", choices=("exact", "perceiver-io"), default="exact",
+                    help="exact: as a full forward pass every step; perceiver-io: its cached generate")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype")
+    ap.add_argument("--ignore_eos", action="store_true", help="keep generating after the end-of-text token")
+    return ap.parse_args(argv)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+    else:
+        prompt = args.prompt
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give at least one token of text with --prompt or --prompt_file")
+    return prompt
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need no model, so that bad input fails before anything is loaded."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} is out of range: must be >= 1")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples {args.num_samples} is out of range: must be >= 1")
+    if not args.greedy:
+        if args.temperature <= 0:
+            raise ValueError(f"--temperature {args.temperature} is out of range: must be > 0")
+        if args.top_k is not None and args.top_k < 1:
+            raise ValueError(f"--top_k {args.top_k} is out of range: must be >= 1")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise ValueError(f"--top_p {args.top_p} is out of range: must be in (0, 1]")
+    if not os.path.isdir(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint} is not a directory")
+
+
+def generate_text(args: argparse.Namespace, prompt: str) -> None:
+    from perceiver_ar_jax.sampling import Generator, enable_compilation_cache
+
+    enable_compilation_cache()
+    generator = Generator.from_pretrained(args.checkpoint, dtype=args.dtype)
+    sampling = dict(do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    cache=args.cache)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"{'-' * 30} sample {i + 1} {'-' * 30}", flush=True)
+        for piece in generator.stream(prompt, num_latents=args.num_latents, max_new_tokens=args.max_new_tokens,
+                                      stop_at_eos=not args.ignore_eos, rng=args.seed + i, **sampling):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        prompt = read_prompt(args)
+        check_args(args)
+        generate_text(args, prompt)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
