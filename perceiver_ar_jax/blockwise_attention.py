@@ -68,9 +68,7 @@ def blockwise_attention_with_lse(
     resolution there); merging code must treat such rows itself.
     """
     check_attention_args(q, k, v, mask, block_size, dropout_rate, dropout_rng)
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = mask_4d(mask)
     return _attention(q, k, v, mask, dropout_rng, block_size, float(dropout_rate))
 
 
@@ -90,6 +88,15 @@ def merge_partial_attention(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def mask_4d(mask: jnp.ndarray | None) -> jnp.ndarray | None:
+    """A mask broadcastable to (batch, heads, queries, keys) as bool of rank 4 (leading axes of length 1 added),
+    the layout the blockwise paths slice and shard along its last (keys) axis; None stays None."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask, bool)
+    return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
 def check_attention_args(q, k, v, mask, block_size, dropout_rate, dropout_rng) -> None:
     """ValueError naming the first argument of a blockwise attention that is out of range."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:

@@ -13,9 +13,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-# perceiver-io fields that exist on the PyTorch side but have no JAX counterpart beyond `activation_checkpointing`.
-_TORCH_ONLY_FIELDS = ("activation_offloading",)
-
 REMAT_POLICIES = (
     "nothing_saveable",
     "dots_saveable",

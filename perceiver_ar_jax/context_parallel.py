@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from perceiver_ar_jax.blockwise_attention import mask_4d
 from perceiver_ar_jax.prefix_attention import PrefixAttention, ProjectFn, prefix_attention
 
 
@@ -75,9 +76,7 @@ def context_parallel_prefix_attention(
     """
     prefix_len = x_prefix.shape[1]
     num_shards = context_axis_size(axis_name)
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = mask_4d(mask)
     padding = -prefix_len % num_shards
     if padding:  # zero prefix rows behind a False mask: every shard holds the same number of keys
         x_prefix = jnp.pad(x_prefix, ((0, 0), (0, padding), (0, 0)))

@@ -31,7 +31,7 @@ from perceiver_ar_jax.checkpoint import (
 from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.position import inverse_frequencies
 from perceiver_ar_jax.safetensors_io import write_safetensors
-from perceiver_ar_jax.torch_checkpoint import CheckpointError, read_perceiver_io_checkpoint
+from perceiver_ar_jax.torch_checkpoint import CheckpointError, TorchCheckpoint, read_perceiver_io_checkpoint
 
 INV_FREQ_KEY = "input_adapter.frq_pos_encoding.inv_freq"  # a buffer: checked, not loaded (we compute it)
 HF_PREFIX = "backend_model."
@@ -147,7 +147,11 @@ def load_torch_checkpoint(path: str | os.PathLike, param_dtype: str | None = Non
     `CausalLanguageModel(config).apply({"params": params}, ...)`. `param_dtype` (default float32) is the dtype
     the weights are stored in; `config_overrides` set JAX-only config fields (dtype, activation_checkpointing, ...).
     """
-    ckpt = read_perceiver_io_checkpoint(path)
+    return _convert_checkpoint(read_perceiver_io_checkpoint(path), param_dtype, config_overrides)
+
+
+def _convert_checkpoint(ckpt: TorchCheckpoint, param_dtype: str | None, config_overrides: dict[str, Any]):
+    """An opened perceiver-io checkpoint -> (config, params), as `load_torch_checkpoint` describes."""
     try:
         config = CausalLanguageModelConfig.from_dict(ckpt.model_config)
         if param_dtype is not None:
@@ -285,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if os.path.exists(args.dst) and not args.overwrite:
                 raise FileExistsError(f"{args.dst} already exists; choose another destination or pass --overwrite")
-            config, params = load_torch_checkpoint(args.src, param_dtype=args.param_dtype)
-            tokenizer_dir = read_perceiver_io_checkpoint(args.src).tokenizer_dir
-            save_model(args.dst, config, params, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
+            ckpt = read_perceiver_io_checkpoint(args.src)
+            config, params = _convert_checkpoint(ckpt, args.param_dtype, {})
+            save_model(args.dst, config, params, tokenizer_dir=ckpt.tokenizer_dir, overwrite=args.overwrite)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ from perceiver_ar_jax.blockwise_attention import (
     check_attention_args,
     key_slice,
     lse_of,
+    mask_4d,
     merge_partial_attention,
     online_softmax_backward,
     online_softmax_forward,
@@ -97,9 +98,7 @@ def prefix_attention(
     """
     key_shape = jax.ShapeDtypeStruct(x_prefix.shape[:2] + q.shape[2:], q.dtype)
     check_attention_args(q, key_shape, key_shape, mask, block_size, dropout_rate, dropout_rng)
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = mask_4d(mask)
     out, lse, value_sum = _attention(q, x_prefix, params, prefix_angles, mask, dropout_rng, project, block_size,
                                      float(dropout_rate))
     return PrefixAttention(out, lse, None if mask is None else jnp.any(mask, axis=-1), value_sum)

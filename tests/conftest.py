@@ -6,8 +6,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The shared fixtures directory sits beside the repository (../shared); PERCEIVER_AR_SHARED points elsewhere.
 SHARED = Path(os.environ.get("PERCEIVER_AR_SHARED", REPO.parent / "shared"))
-PUBLIC_FIXTURE = SHARED / "fixtures" / "public"
+SHARED_FIXTURES = SHARED / "fixtures"
+# A tiny Perceiver AR in three checkpoint formats with golden logits, generations and tokenizer cases.
+PUBLIC_FIXTURE = SHARED_FIXTURES / "public"
+# The real xlnet-base-cased spiece.model with golden XLNetTokenizerFast encodings.
+XLNET_FIXTURE = SHARED_FIXTURES / "xlnet-base-cased"
+# The parameter names and shapes of the released 455M perceiver-io checkpoint.
+STATE_DICT_455M = SHARED_FIXTURES / "455m-state-dict.txt"
 REFERENCE_ASSETS = REPO / "tests" / "assets" / "reference"
 # The PyTorch reference venv made by ../shared/reference/setup-reference.sh, for the optional cross-checks.
 REFERENCE_PYTHON = Path(os.environ.get("PERCEIVER_IO_PYTHON", "/tmp/ref-venv/bin/python"))

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +20,8 @@ from perceiver_ar_jax.context_parallel import context_axis_size, context_paralle
 from perceiver_ar_jax.masks import cross_attention_mask
 from perceiver_ar_jax.position import apply_rotary, rotary_angles
 from perceiver_ar_jax.prefix_attention import combine_with_latents, make_projection
+from tests.conftest import PUBLIC_FIXTURE, REPO, require
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(os.environ.get("PERCEIVER_AR_SHARED", REPO.parent / "shared")) / "fixtures" / "public"
 TOLERANCE = 1e-5
 
 
@@ -84,8 +82,8 @@ def model_differences(mesh_shape, tokens_key, seq_len, prefix_len, use_pad, mesh
     from perceiver_ar_jax.convert import load_torch_checkpoint
     from perceiver_ar_jax.model import CausalLanguageModel
 
-    config, params = load_torch_checkpoint(FIXTURE / "hf-safetensors")
-    golden = np.load(FIXTURE / "forward_cases.npz")
+    config, params = load_torch_checkpoint(PUBLIC_FIXTURE / "hf-safetensors")
+    golden = np.load(PUBLIC_FIXTURE / "forward_cases.npz")
     tokens = golden[tokens_key][:, :seq_len]
     pad_mask = golden["pad_mask"][:, :seq_len] if use_pad else None
     labels = np.roll(tokens, -1, axis=1)[:, prefix_len:]
@@ -139,9 +137,11 @@ def main():
 
 @pytest.fixture(scope="module")
 def eight_device_results():
-    if not (FIXTURE / "hf-safetensors").exists():
-        pytest.skip(f"{FIXTURE} is not on this machine")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    require(PUBLIC_FIXTURE / "hf-safetensors")
+    # PYTHONPATH: the script imports `tests.conftest`, and a script's sys.path starts at tests/, not the repository.
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": python_path}
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("@@RESULT@@")]
@@ -173,10 +173,8 @@ def test_model_with_a_one_device_context_axis_equals_the_golden_logits(prefix_le
     from perceiver_ar_jax.convert import load_torch_checkpoint
     from perceiver_ar_jax.model import CausalLanguageModel
 
-    if not (FIXTURE / "hf-safetensors").exists():
-        pytest.skip(f"{FIXTURE} is not on this machine")
-    config, params = load_torch_checkpoint(FIXTURE / "hf-safetensors")
-    golden = np.load(FIXTURE / "forward_cases.npz")
+    config, params = load_torch_checkpoint(require(PUBLIC_FIXTURE / "hf-safetensors"))
+    golden = np.load(PUBLIC_FIXTURE / "forward_cases.npz")
     model = CausalLanguageModel(config.replace(context_parallel_axis="context"))
     mesh = jax.make_mesh((1,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
@@ -194,5 +192,4 @@ def test_missing_mesh_axis_is_an_error_naming_it():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -41,6 +41,14 @@ def copy_hf_dir(src, dst, tensors=None, drop=(), model_config_changes=None):
     return dst
 
 
+def assert_refused(public_fixture, dst, message, **changes):
+    """Loading a copy (at dst) of the fixture with `changes` (copy_hf_dir's arguments) fails with `message`."""
+    bad = copy_hf_dir(public_fixture / "hf-safetensors", dst, **changes)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_torch_checkpoint(bad)
+    return e.value
+
+
 @pytest.fixture(scope="module")
 def fixture_model(public_fixture):
     return load_torch_checkpoint(public_fixture / "hf-safetensors")
@@ -165,41 +173,33 @@ def test_directory_without_weights(tmp_path, public_fixture):
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, public_fixture):
     key = "cross_attention.1.module.1.weight"
-    bad = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "bad",
-                      tensors={PREFIX + key: np.zeros((200, 64), np.float32)})
-    message = rf"tensor {key} has shape \(200, 64\), but the config .* needs \(256, 64\)"
-    with pytest.raises(CheckpointError, match=message):
-        load_torch_checkpoint(bad)
+    assert_refused(public_fixture, tmp_path / "bad",
+                   rf"tensor {key} has shape \(200, 64\), but the config .* needs \(256, 64\)",
+                   tensors={PREFIX + key: np.zeros((200, 64), np.float32)})
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path, public_fixture):
-    bad = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "bad", model_config_changes={"num_channels": 128})
-    message = r"input_adapter.txt_embedding.weight has shape \(512, 64\).*\(512, 128\)"
-    with pytest.raises(CheckpointError, match=message):
-        load_torch_checkpoint(bad)
-    fewer = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "fewer",
-                        model_config_changes={"num_self_attention_layers": 2})
-    with pytest.raises(CheckpointError, match=r"unused tensors: .*self_attention\.2\.0\.module\.norm\.weight") as e:
-        load_torch_checkpoint(fewer)
-    assert "self_attention.1." not in str(e.value)
+    assert_refused(public_fixture, tmp_path / "bad",
+                   r"input_adapter.txt_embedding.weight has shape \(512, 64\).*\(512, 128\)",
+                   model_config_changes={"num_channels": 128})
+    error = assert_refused(public_fixture, tmp_path / "fewer",
+                           r"unused tensors: .*self_attention\.2\.0\.module\.norm\.weight",
+                           model_config_changes={"num_self_attention_layers": 2})
+    assert "self_attention.1." not in str(error)
 
 
 def test_unknown_and_missing_keys_are_named(tmp_path, public_fixture):
-    extra = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "extra",
-                        tensors={PREFIX + "mystery.weight": np.zeros(3, np.float32)})
-    with pytest.raises(CheckpointError, match="unused tensors: mystery.weight"):
-        load_torch_checkpoint(extra)
-    missing = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "missing",
-                          drop=[PREFIX + "self_attention.1.0.module.attention.k_proj.weight"])
-    with pytest.raises(CheckpointError, match=r"missing tensors: self_attention\.1\.0\.module\.attention\.k_proj"):
-        load_torch_checkpoint(missing)
+    assert_refused(public_fixture, tmp_path / "extra", "unused tensors: mystery.weight",
+                   tensors={PREFIX + "mystery.weight": np.zeros(3, np.float32)})
+    assert_refused(public_fixture, tmp_path / "missing",
+                   r"missing tensors: self_attention\.1\.0\.module\.attention\.k_proj",
+                   drop=[PREFIX + "self_attention.1.0.module.attention.k_proj.weight"])
 
 
 def test_config_value_out_of_range(tmp_path, public_fixture):
-    bad = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "bad", model_config_changes={"num_heads": 3})
-    message = r"invalid model config: config.num_channels=64 .* divisible by num_heads"
-    with pytest.raises(CheckpointError, match=message):
-        load_torch_checkpoint(bad)
+    assert_refused(public_fixture, tmp_path / "bad",
+                   r"invalid model config: config.num_channels=64 .* divisible by num_heads",
+                   model_config_changes={"num_heads": 3})
 
 
 class _RunsCode:

@@ -14,7 +14,7 @@ from perceiver_ar_jax.convert import parameter_table, torch_shape
 from perceiver_ar_jax.masks import prefix_keep_indices
 from perceiver_ar_jax.model import CausalLanguageModel
 from tests import numpy_reference
-from tests.conftest import SHARED
+from tests.conftest import STATE_DICT_455M, require
 
 SMALL = dict(vocab_size=61, max_seq_len=24, max_latents=8, num_channels=32, num_heads=4, num_self_attention_layers=2,
              cross_attention_dropout=0.0)
@@ -146,9 +146,7 @@ def test_every_parameter_has_logical_axis_names():
 
 
 def test_released_455m_layout_matches_its_state_dict():
-    listing = SHARED / "fixtures" / "455m-state-dict.txt"
-    if not listing.exists():
-        pytest.skip(f"{listing} is not on this machine")
+    listing = require(STATE_DICT_455M)
     expected = {}
     for line in listing.read_text().splitlines():
         if line and not line.startswith("#"):

@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 
 from perceiver_ar_jax.tokenizer import Tokenizer, train_tokenizer
+from tests.conftest import PUBLIC_FIXTURE, XLNET_FIXTURE
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-XLNET_DIR = FIXTURES / "xlnet-base-cased"
-PUBLIC_DIR = FIXTURES / "public" / "hf-safetensors"
+PUBLIC_DIR = PUBLIC_FIXTURE / "hf-safetensors"
 
 needs_xlnet = pytest.mark.skipif(
-    not (XLNET_DIR / "cases.json").is_file(), reason=f"xlnet-base-cased fixtures not found at {XLNET_DIR}"
+    not (XLNET_FIXTURE / "cases.json").is_file(), reason=f"xlnet-base-cased fixtures not found at {XLNET_FIXTURE}"
 )
 needs_public = pytest.mark.skipif(
-    not (FIXTURES / "public" / "tokenizer_cases.json").is_file(),
-    reason=f"public tokenizer fixtures not found at {FIXTURES / 'public'}",
+    not (PUBLIC_FIXTURE / "tokenizer_cases.json").is_file(),
+    reason=f"public tokenizer fixtures not found at {PUBLIC_FIXTURE}",
 )
 
 # Extra texts with XLNetTokenizerFast's ids (tokenizers 0.15.2, xlnet-base-cased), each for a pitfall: exact ties
@@ -61,12 +60,12 @@ def _load(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def xlnet() -> Tokenizer:
-    return Tokenizer.from_pretrained(XLNET_DIR)
+    return Tokenizer.from_pretrained(XLNET_FIXTURE)
 
 
 @pytest.fixture(scope="module")
 def xlnet_cases() -> dict:
-    return _load(XLNET_DIR / "cases.json")
+    return _load(XLNET_FIXTURE / "cases.json")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def public() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def public_cases() -> dict:
-    return _load(FIXTURES / "public" / "tokenizer_cases.json")
+    return _load(PUBLIC_FIXTURE / "tokenizer_cases.json")
 
 
 def _mismatches(cases: list[dict], actual: list, key: str) -> list[str]:
@@ -159,7 +158,7 @@ def test_xlnet_incremental_decoding_equals_decode(xlnet: Tokenizer, xlnet_cases:
 @needs_xlnet
 def test_xlnet_defaults_without_configs(tmp_path: Path, xlnet: Tokenizer, xlnet_cases: dict) -> None:
     """Only spiece.model (the hub layout has no tokenizer_config.json): XLNet's special tokens are the defaults."""
-    shutil.copy(XLNET_DIR / "spiece.model", tmp_path / "spiece.model")
+    shutil.copy(XLNET_FIXTURE / "spiece.model", tmp_path / "spiece.model")
     bare = Tokenizer.from_pretrained(tmp_path)
     assert (bare.eos_id, bare.pad_id, bare.unk_id, bare.vocab_size) == (2, 5, 0, 32000)
     assert bare.special_tokens == xlnet.special_tokens
@@ -171,11 +170,11 @@ def test_xlnet_defaults_without_configs(tmp_path: Path, xlnet: Tokenizer, xlnet_
 @needs_xlnet
 def test_xlnet_save_round_trip_and_pickle(tmp_path: Path, xlnet: Tokenizer, xlnet_cases: dict) -> None:
     xlnet.save(tmp_path)
-    assert (tmp_path / "spiece.model").read_bytes() == (XLNET_DIR / "spiece.model").read_bytes()
+    assert (tmp_path / "spiece.model").read_bytes() == (XLNET_FIXTURE / "spiece.model").read_bytes()
     config = _load(tmp_path / "tokenizer_config.json")
     assert config["tokenizer_class"] == "XLNetTokenizer" and config["padding_side"] == "left"
-    assert config["added_tokens_decoder"] == _load(XLNET_DIR / "tokenizer_config.json")["added_tokens_decoder"]
-    assert _load(tmp_path / "special_tokens_map.json") == _load(XLNET_DIR / "special_tokens_map.json")
+    assert config["added_tokens_decoder"] == _load(XLNET_FIXTURE / "tokenizer_config.json")["added_tokens_decoder"]
+    assert _load(tmp_path / "special_tokens_map.json") == _load(XLNET_FIXTURE / "special_tokens_map.json")
     texts = [c["text"] for c in xlnet_cases["cases"][::5]]
     for other in (Tokenizer.from_pretrained(tmp_path), pickle.loads(pickle.dumps(xlnet))):
         assert (other.eos_id, other.pad_id, other.unk_id, other.special_tokens) == (
@@ -226,7 +225,7 @@ def test_public_special_tokens(public: Tokenizer, public_cases: dict) -> None:
         assert public.piece_to_id(special["token"]) == special["id"]
         assert public.special_tokens[special["id"]] == special["token"]
     # both checkpoint layouts carry the same tokenizer
-    other = Tokenizer.from_pretrained(FIXTURES / "public" / "hf-bin")
+    other = Tokenizer.from_pretrained(PUBLIC_FIXTURE / "hf-bin")
     texts = [c["text"] for c in public_cases["cases"]]
     assert other.encode_many(texts) == public.encode_many(texts)
 
