@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from perceiver_ar_jax import matmul
 from perceiver_ar_jax.blockwise_attention import MASKED_SCORE, blockwise_attention
 from perceiver_ar_jax.position import apply_rotary
 
@@ -110,6 +111,7 @@ class MultiHeadAttention(nn.Module):
                 use_bias=bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                dot_general=matmul.dot_general,
                 kernel_init=nn.with_logical_partitioning(init, kernel_axes),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                 name=name,

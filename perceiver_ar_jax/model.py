@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from perceiver_ar_jax import matmul
 from perceiver_ar_jax.attention import MultiHeadAttention
 from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.masks import causal_mask, cross_attention_mask, prefix_keep_indices
@@ -68,11 +69,12 @@ class MLP(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(stddev=cfg.init_scale)
         dense = lambda features, axes, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=matmul.dot_general,
             kernel_init=nn.with_logical_partitioning(init, axes), name=name)
         h = layer_norm("norm", cfg)(x)
         h = dense(self.widening_factor * cfg.num_channels, ("embed", "mlp"), "fc1")(h)
-        h = nn.gelu(h, approximate=False)
+        # in float32: XLA:CPU has no bf16 elementwise maths, and converting is what it would do anyway
+        h = nn.gelu(h.astype(jnp.float32), approximate=False).astype(h.dtype)
         return dense(cfg.num_channels, ("mlp", "embed"), "fc2")(h)
 
 
@@ -246,8 +248,10 @@ class CausalLanguageModel(nn.Module):
         if self.config.output_norm:
             x_latent = self.out_norm(x_latent)
         embedding = self.token_embedding.embedding.astype(self.config.dtype)
-        logits = jnp.einsum("bnc,vc->bnv", x_latent.astype(self.config.dtype), embedding,
-                            preferred_element_type=jnp.float32)
+        batch_size, num_latents, channels = x_latent.shape
+        logits = matmul.matmul(x_latent.astype(self.config.dtype).reshape(-1, channels), embedding, jnp.float32,
+                               rhs_transposed=True)
+        logits = logits.reshape(batch_size, num_latents, -1)
         if self.config.output_bias:
             logits = logits + self.output_bias.astype(jnp.float32)
         return logits
