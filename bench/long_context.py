@@ -1,6 +1,6 @@
 """Long-context training cost: our train step vs perceiver-io's, step time and peak RSS per context length.
 
-    python bench/long_context.py [--seq-lens 4096,16384,65536] [--reference-seq-lens 4096,16384]
+    python bench/long_context.py [--seq-lens 4096,16384,65536] [--reference-seq-lens 4096,16384,65536]
                                  [--extra-seq-lens 131072] [--ref-python /tmp/ref-venv/bin/python] [--json OUT]
 
 Model: the "bench" config of ../shared/reference/bench_torch.py (vocab 32000, 512 channels, 8 heads, 6
@@ -11,7 +11,7 @@ latent positions, backward and an AdamW update (lr 3e-4, torch's defaults), floa
 train --seq-len L` (LitCausalLanguageModel.step + backward + torch.optim.AdamW).
 
 Every measurement runs in its own subprocess, so its peak RSS (ru_maxrss, compilation included for ours) is its
-own. The reference at 64k needs about a minute per step and 12 GB: it runs only for --reference-seq-lens.
+own. The reference at 64k needs about a minute per step and 12 GB (--reference-seq-lens picks where it runs).
 `--extra-seq-lens` are lengths measured for ours only (the 131,072-token goal: within 8 GB on this 2-core CPU).
 Timings on a shared machine are noisy: compare ratios measured in the same run, and use --rounds N to alternate
 ours and the reference N times per length, keeping each side's fastest round.
@@ -150,8 +150,8 @@ def linearity(results: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", default="4096,16384,65536", help="context lengths for ours (and the reference)")
-    ap.add_argument("--reference-seq-lens", default="4096,16384",
-                    help="subset of the lengths the reference runs for ('' = none); 65536 takes very long")
+    ap.add_argument("--reference-seq-lens", default="4096,16384,65536",
+                    help="subset of the lengths the reference runs for ('' = none); 65536 takes minutes")
     ap.add_argument("--extra-seq-lens", default="", help="lengths for ours only, e.g. 131072")
     ap.add_argument("--ref-python", default=os.environ.get("PERCEIVER_IO_PYTHON", "/tmp/ref-venv/bin/python"))
     ap.add_argument("--ref-script", default=str(REFERENCE_BENCH))

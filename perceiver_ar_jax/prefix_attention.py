@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from perceiver_ar_jax import matmul
 from perceiver_ar_jax.blockwise_attention import (
     blockwise_attention_with_lse,
     check_attention_args,
@@ -71,8 +72,9 @@ def make_projection(norm: nn.Module | None, dtype: Any) -> ProjectFn:
         if norm is not None:
             x = norm.apply({"params": params["norm"]}, x)
         x = x.astype(dtype)
-        return (jnp.einsum("bkc,chd->bkhd", x, params["k_kernel"].astype(dtype)),
-                jnp.einsum("bkc,chd->bkhd", x, params["v_kernel"].astype(dtype)))
+        dims = (((x.ndim - 1,), (0,)), ((), ()))  # (batch, keys, channels) x (channels, heads, head_dim)
+        return (matmul.dot_general(x, params["k_kernel"].astype(dtype), dims),
+                matmul.dot_general(x, params["v_kernel"].astype(dtype), dims))
 
     return project
 
