@@ -14,6 +14,7 @@ pallas_attention = pytest.importorskip("perceiver_ar_jax.pallas_attention",
                                        reason="this jax has no Pallas TPU splash attention")
 
 TOLERANCE = 1e-5
+GRAD_RTOL = 1e-5  # gradients reach magnitudes ~10, where float32 summation order alone moves them by ~1e-5
 BATCH, HEADS, HEAD_DIM = 2, 2, 16
 
 
@@ -50,7 +51,7 @@ def test_splash_in_interpret_mode_equals_dense_in_forward_and_gradients(case):
                                                      q, k, v, cotangent)
     np.testing.assert_allclose(out, expected_out, rtol=0, atol=TOLERANCE)
     for name, a, e in zip("qkv", grads, expected_grads, strict=True):
-        np.testing.assert_allclose(a, e, rtol=0, atol=TOLERANCE, err_msg=f"d{name}")
+        np.testing.assert_allclose(a, e, rtol=GRAD_RTOL, atol=TOLERANCE, err_msg=f"d{name}")
 
 
 def test_splash_without_mask_is_full_attention():
