@@ -13,6 +13,7 @@ from perceiver_ar_jax import partitioning, train_lib
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, tokenizer and config.")
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("traceback", False, "Show the full traceback of a bad-config or bad-input error, not one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +25,10 @@ def main(argv):
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train_lib.NonFiniteLossError as e:
         logging.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a config value out of range, a bad path
+        if FLAGS.traceback:
+            raise
         raise SystemExit(f"error: {e}") from None
 
 

@@ -118,3 +118,4 @@ def test_train_py_runs_with_overrides_from_the_command_line(tmp_path):
     bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path / 'bad'}", "--config.model.max_latents=2000"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "max_latents" in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("error: ")
