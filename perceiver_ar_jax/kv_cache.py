@@ -154,27 +154,21 @@ def _set_slots(ring: jnp.ndarray, value: jnp.ndarray, slot: jnp.ndarray, axis: i
     return jax.lax.dynamic_update_slice_in_dim(ring, value.astype(ring.dtype), slot, axis=axis)
 
 
-def output_kernel(module) -> jnp.ndarray:
-    """The token embedding transposed, (channels, vocab): XLA:CPU multiplies several rows by it about a third
-    faster than by the (vocab, channels) embedding; made once per decode loop and passed to the steps."""
-    return jnp.transpose(module.token_embedding.embedding)
+def output_kernel(module, batch_size: int) -> jnp.ndarray | None:
+    """The token embedding transposed, (channels, vocab), in the compute dtype, where it pays: XLA:CPU multiplies
+    several float32 rows by it about twice as fast as by the (vocab, channels) embedding. Made once per decode
+    loop and passed to the steps; None elsewhere."""
+    cfg = module.config
+    if batch_size == 1 or jax.default_backend() != "cpu" or jnp.dtype(cfg.dtype) != jnp.float32:
+        return None
+    return jnp.transpose(module.token_embedding.embedding).astype(cfg.dtype)
 
 
 def next_token_logits(module, x: jnp.ndarray, kernel: jnp.ndarray | None = None) -> jnp.ndarray:
     """The output layer for the last position: (batch, 1, channels) -> (batch, vocab) float32.
 
-    kernel: `output_kernel` or None. With it, this is `module.logits` computed as x @ kernel.
-    """
-    cfg = module.config
-    if kernel is not None:
-        h = module.out_norm(x) if cfg.output_norm else x
-        logits = jnp.einsum("bnc,cv->bnv", h.astype(cfg.dtype), kernel.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
-        return (logits + module.output_bias.astype(jnp.float32) if cfg.output_bias else logits)[:, 0]
-    if x.shape[0] == 1 and jnp.dtype(cfg.dtype) != jnp.float32 and jax.default_backend() == "cpu":
-        # XLA:CPU multiplies one bfloat16 row by the (vocab, channels) embedding ~20x slower than two rows
-        return module.logits(jnp.concatenate([x, x]))[:1, 0]
-    return module.logits(x)[:, 0]
+    kernel: `output_kernel` or None (the same logits either way)."""
+    return module.logits(x, kernel)[:, 0]
 
 
 def _rotary(module, pos: jnp.ndarray) -> jnp.ndarray:

@@ -243,14 +243,21 @@ class CausalLanguageModel(nn.Module):
         take = lambda a: jnp.take_along_axis(a, kept.reshape(kept.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
         return take(x_prefix), take(prefix_angles), None if prefix_pad is None else take(prefix_pad)
 
-    def logits(self, x_latent: jnp.ndarray) -> jnp.ndarray:
-        """(batch, latents, channels) -> float32 logits (batch, latents, vocab) through the tied embedding."""
+    def logits(self, x_latent: jnp.ndarray, output_kernel: jnp.ndarray | None = None) -> jnp.ndarray:
+        """(batch, latents, channels) -> float32 logits (batch, latents, vocab) through the tied embedding.
+
+        output_kernel: the embedding transposed, (channels, vocab), in the compute dtype, or None. Decoding passes
+        it (made once per loop, see kv_cache.output_kernel); the product is the same either way.
+        """
         if self.config.output_norm:
             x_latent = self.out_norm(x_latent)
-        embedding = self.token_embedding.embedding.astype(self.config.dtype)
         batch_size, num_latents, channels = x_latent.shape
-        logits = matmul.matmul(x_latent.astype(self.config.dtype).reshape(-1, channels), embedding, jnp.float32,
-                               rhs_transposed=True)
+        rows = x_latent.astype(self.config.dtype).reshape(-1, channels)
+        if output_kernel is None:
+            embedding = self.token_embedding.embedding.astype(self.config.dtype)
+            logits = matmul.matmul(rows, embedding, jnp.float32, rhs_transposed=True)
+        else:
+            logits = matmul.matmul(rows, output_kernel, jnp.float32)
         logits = logits.reshape(batch_size, num_latents, -1)
         if self.config.output_bias:
             logits = logits + self.output_bias.astype(jnp.float32)

@@ -146,10 +146,10 @@ def decode_loop(config: CausalLanguageModelConfig, cache_mode: str, sampler: Sam
                                   state.prompt_ids, state.prompt_pad, state.offset, state.num_latents)
             return emit(state, logits, cache)
 
-        # several rows on XLA:CPU: the logits are faster against a transposed copy of the embedding, made once here
-        batch_size = state.token.shape[0]
-        several_rows_on_cpu = batch_size > 1 and jax.default_backend() == "cpu" and config.dtype == "float32"
-        kernel = apply(kv_cache.output_kernel) if several_rows_on_cpu else None
+        kernel = apply(kv_cache.output_kernel, state.token.shape[0])  # once per loop, not per step
+        # exact mode: a padded latent in the prompt changes state every step, so no step is incremental
+        prompt_latent = jnp.arange(bucket) >= bucket - state.num_latents
+        pad_latent = jnp.any(state.prompt_pad & prompt_latent[None])
 
         def step(state: DecodeState) -> DecodeState:
             last = bucket - 1 + state.step  # bucketed index of state.token
@@ -165,8 +165,6 @@ def decode_loop(config: CausalLanguageModelConfig, cache_mode: str, sampler: Sam
                              latent_moves, kernel)
 
             if cache_mode == "exact":  # incremental only while the latents grow (prefix and positions fixed)
-                prompt_latent = jnp.arange(bucket) >= bucket - state.num_latents
-                pad_latent = jnp.any(state.prompt_pad & prompt_latent[None])  # its state changes every step
                 growing = state.num_latents + state.step <= max_latents
                 logits, cache = jax.lax.cond(growing & ~pad_latent, incremental, all_latents, state)
             else:
