@@ -11,7 +11,7 @@ config's logical-axis rules map those names onto mesh axes. A batch is split alo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -135,17 +135,6 @@ def tree_shardings(logical_specs: Any, abstract_tree: Any, mesh: Mesh, rules) ->
         logging.warning("logical axis %r of size %d is not divisible by mesh axes %s %s: kept replicated there",
                         name, dim, axes, {a: mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)})
     return shardings
-
-
-def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
-    """Run `init_fn` (returns a tree whose leaves may be nn.LogicallyPartitioned) directly into its shardings.
-
-    jax.eval_shape -> nn.get_partition_spec -> mesh shardings -> jax.jit(init, out_shardings=...): each device only
-    ever allocates its own shard. Returns (the unboxed tree, its shardings).
-    """
-    abstract = jax.eval_shape(init_fn)
-    shardings = tree_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules)
-    return jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)(), shardings
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -107,8 +107,3 @@ def write_safetensors(
                 raise ValueError(f"tensor {name!r} has shape {tensor.shape}, declared {tuple(shape)}")
             f.write(tensor.astype(tensor.dtype.newbyteorder("<"), copy=False).tobytes())
     os.replace(tmp, path)
-
-
-def iter_tensors(reader: SafetensorsReader) -> Iterator[tuple[str, np.ndarray]]:
-    for key in reader.keys():
-        yield key, reader.get(key)

@@ -413,7 +413,6 @@ class Generator:
 
     def __init__(self, config: CausalLanguageModelConfig, params: Any, tokenizer: Any):
         self.config, self.params, self.tokenizer = config, _unwrap_params(params), tokenizer
-        self.model = CausalLanguageModel(config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> Generator:

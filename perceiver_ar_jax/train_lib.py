@@ -353,11 +353,11 @@ class _Loop:
         if not self.pending:
             return []
         fetched = jax.device_get([m for _, m in self.pending])
+        # the learning rate of each step's update, in one call (the schedule is elementwise)
+        learning_rates = np.asarray(self.schedule(np.asarray([step - 1 for step, _ in self.pending])))
         rows = []
-        for (step, _), values in zip(self.pending, fetched, strict=True):
-            row = {"step": step, **{k: float(v) for k, v in values.items()},
-                   "learning_rate": float(self.schedule(step - 1))}
-            rows.append(row)
+        for (step, _), values, lr in zip(self.pending, fetched, learning_rates, strict=True):
+            rows.append({"step": step, **{k: float(v) for k, v in values.items()}, "learning_rate": float(lr)})
         self.pending = []
         self.history.extend(rows)
         bad = [r for r in rows if not all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "param_norm"))]
@@ -427,12 +427,8 @@ class _Loop:
             self.sampling_enabled = False
             logging.info("periodic samples are only drawn in single-process runs")
             return
-        try:
-            from perceiver_ar_jax.sampling import generate
-        except ImportError as e:
-            self.sampling_enabled = False
-            logging.info("periodic samples skipped: the sampler is not available (%s)", e)
-            return
+        from perceiver_ar_jax.sampling import generate  # on use: training without samples never compiles it
+
         try:
             # documents follow an end-of-sequence token in the training stream
             prompt = [self.tokenizer.eos_id] + self.tokenizer.encode(config.sample_prompt)
