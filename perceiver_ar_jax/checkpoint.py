@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.torch_checkpoint import TOKENIZER_FILES, CheckpointError
@@ -34,6 +35,15 @@ def abstract_params(config: CausalLanguageModelConfig) -> Any:
     ids = jnp.zeros((1, config.max_latents), jnp.int32)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, prefix_len=0))
     return nn.unbox(variables["params"])
+
+
+def config_json(config: CausalLanguageModelConfig) -> str:
+    """The text of a model directory's config.json (also written into training workdirs)."""
+    return json.dumps({"model_type": MODEL_TYPE, "model_config": config.to_dict()}, indent=2, sort_keys=True)
+
+
+def config_from_json(text: str) -> CausalLanguageModelConfig:
+    return CausalLanguageModelConfig.from_dict(json.loads(text)["model_config"], strict=True)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -57,7 +67,7 @@ def read_config(directory: str | os.PathLike) -> CausalLanguageModelConfig:
                               f"model_type {MODEL_TYPE!r}); convert a perceiver-io checkpoint with "
                               "`python -m perceiver_ar_jax.convert SRC DST` first")
     with open(config_path) as f:
-        return CausalLanguageModelConfig.from_dict(json.load(f)["model_config"], strict=True)
+        return config_from_json(f.read())
 
 
 def save_model(
@@ -76,7 +86,7 @@ def save_model(
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump({"model_type": MODEL_TYPE, "model_config": config.to_dict()}, f, indent=2, sort_keys=True)
+            f.write(config_json(config))
         write_params(os.path.join(tmp, PARAMS_DIR), params)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
@@ -129,11 +139,12 @@ def load_model(directory: str | os.PathLike, sharding: jax.sharding.Sharding | A
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files present in src_dir; either side may be a gs:// path (a training workdir)."""
     copied = []
     for name in TOKENIZER_FILES:
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(dst_dir, name))
+        src = epath.Path(src_dir) / name
+        if src.is_file():
+            (epath.Path(dst_dir) / name).write_bytes(src.read_bytes())
             copied.append(name)
     return copied
 

@@ -11,7 +11,6 @@ good parameters straight from it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -30,7 +29,6 @@ from perceiver_ar_jax import metrics as metrics_lib
 from perceiver_ar_jax.checkpointing import StopSignal, TrainingCheckpoints
 from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.model import CausalLanguageModel
-from perceiver_ar_jax.torch_checkpoint import TOKENIZER_FILES
 from perceiver_ar_jax.train_step import TrainState, eval_step, train_step
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -169,7 +167,7 @@ def read_workdir_model_config(workdir: epath.Path) -> CausalLanguageModelConfig 
     path = workdir / model_dir.CONFIG_FILE
     if not path.exists() or not checkpointing.is_training_workdir(workdir):
         return None
-    return CausalLanguageModelConfig.from_dict(json.loads(path.read_text())["model_config"], strict=True)
+    return model_dir.config_from_json(path.read_text())
 
 
 def write_workdir_files(workdir: epath.Path, config, model_config: CausalLanguageModelConfig, tokenizer_dir) -> None:
@@ -179,13 +177,10 @@ def write_workdir_files(workdir: epath.Path, config, model_config: CausalLanguag
     if jax.process_index() != 0:
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / model_dir.CONFIG_FILE).write_text(json.dumps(
-        {"model_type": model_dir.MODEL_TYPE, "model_config": model_config.to_dict()}, indent=2, sort_keys=True))
+    (workdir / model_dir.CONFIG_FILE).write_text(model_dir.config_json(model_config))
     (workdir / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    for name in TOKENIZER_FILES if tokenizer_dir else ():
-        src = epath.Path(tokenizer_dir) / name
-        if src.exists():
-            (workdir / name).write_bytes(src.read_bytes())
+    if tokenizer_dir:
+        model_dir.copy_tokenizer_files(tokenizer_dir, workdir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
