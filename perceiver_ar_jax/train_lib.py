@@ -283,6 +283,9 @@ class _Loop:
         self.evals: list[dict[str, float]] = []
         self.last_good_step: int | None = checkpoints.latest_step()
         self.sampling_enabled = config.sample_every_steps > 0 and tokenizer is not None
+        # the eval stream, made on first use and rewound to its start for every evaluation
+        self.eval_iter: BatchIterator | None = None
+        self.eval_start: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.checkpoints.wait()
@@ -395,11 +398,15 @@ class _Loop:
     def evaluate(self, step: int, params) -> None:
         """Validation loss, perplexity and bits per token on the first num_eval_batches batches of the eval split."""
         config = self.config
-        eval_iter = self.datasets("eval", config.eval_batch_size // jax.process_count())
+        if self.eval_iter is None:
+            self.eval_iter = self.datasets("eval", config.eval_batch_size // jax.process_count())
+            self.eval_start = self.eval_iter.get_state()
+        else:
+            self.eval_iter.set_state(self.eval_start)
         sums, batches = None, 0
         for _ in range(config.num_eval_batches):
             try:
-                batch = next(eval_iter)
+                batch = next(self.eval_iter)
             except StopIteration:
                 break
             out = self.p_eval_step(params, partitioning.make_global_batch(batch, self.mesh))
