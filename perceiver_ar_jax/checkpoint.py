@@ -6,10 +6,12 @@ renamed into place when complete, so an interrupted save never leaves a half-wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +80,18 @@ def save_model(
     overwrite: bool = False,
 ) -> None:
     """Write config, params and (if given) the tokenizer files of `tokenizer_dir` to `directory`."""
+    with staged_directory(directory, overwrite) as tmp:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(config_json(config))
+        write_params(os.path.join(tmp, PARAMS_DIR), params)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside `directory`; when the block succeeds it becomes `directory`, when it
+    fails it is removed and `directory` is left as it was. An existing `directory` needs overwrite=True."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} already exists; choose another destination or pass overwrite=True")
@@ -85,11 +99,7 @@ def save_model(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            f.write(config_json(config))
-        write_params(os.path.join(tmp, PARAMS_DIR), params)
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+        yield tmp
         replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import ml_dtypes
@@ -25,8 +24,8 @@ from perceiver_ar_jax.checkpoint import (
     abstract_params,
     copy_tokenizer_files,
     load_model,
-    replace_directory,
     save_model,
+    staged_directory,
 )
 from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.position import inverse_frequencies
@@ -217,9 +216,6 @@ def export_torch_checkpoint(
 ) -> None:
     """Write an HF model directory (config.json, generation_config.json, model.safetensors and the tokenizer
     files of `tokenizer_dir`) that perceiver-io's `PerceiverCausalLanguageModel.from_pretrained` loads."""
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} already exists; choose another destination or pass overwrite=True")
     table = parameter_table(config)
     np_dtype = np.dtype(dtype)
     by_key = {HF_PREFIX + entry.torch_key: entry for entry in table}
@@ -233,9 +229,7 @@ def export_torch_checkpoint(
         entry = by_key[key]
         return to_torch(np.asarray(_get(params, entry.path)).astype(np_dtype), entry.layout)
 
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=os.path.dirname(directory))
-    try:
+    with staged_directory(directory, overwrite) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), specs, tensor, metadata={"format": "pt"})
         hf_config = {
             "architectures": ["PerceiverCausalLanguageModel"],
@@ -251,12 +245,6 @@ def export_torch_checkpoint(
             json.dump(hf_config, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"_from_model_config": True, "transformers_version": "4.36.2"}, f, indent=2)
-        replace_directory(tmp, directory)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _tokenizer_class(tokenizer_dir) -> str:
