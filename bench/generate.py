@@ -27,17 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_model import BENCH_MODEL, DTYPES  # bench/, this script's directory
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_REF_PYTHON = os.environ.get("PERCEIVER_IO_PYTHON", "/tmp/ref-venv/bin/python")
 SHARED = Path(os.environ.get("PERCEIVER_AR_SHARED", REPO.parent / "shared"))
 DEFAULT_REF_SCRIPT = SHARED / "reference" / "bench_torch.py"
-BENCH_MODEL = dict(vocab_size=32000, num_channels=512, num_heads=8, num_self_attention_layers=6, max_seq_len=1024,
-                   max_latents=256, abs_pos_emb=False, output_norm=True, output_bias=False,
-                   cross_attention_dropout=0.0)
 PROMPT_LEN, NUM_LATENTS, NEW_TOKENS = 512, 256, 128
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def stats(xs: list[float]) -> dict[str, float]:

@@ -30,10 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_model import BENCH_MODEL  # bench/, this script's directory
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_BENCH = REPO.parent / "shared" / "reference" / "bench_torch.py"
-BENCH_MODEL = dict(vocab_size=32000, num_channels=512, num_heads=8, num_self_attention_layers=6, max_latents=256,
-                   abs_pos_emb=False, output_norm=True, output_bias=False, cross_attention_dropout=0.0)
 BATCH = 4
 
 
@@ -50,7 +50,7 @@ def measure_ours(seq_len: int, impl: str, block_size: int, remat: bool, budget_s
     from perceiver_ar_jax.model import CausalLanguageModel
     from perceiver_ar_jax.train_step import TrainState, train_step
 
-    config = CausalLanguageModelConfig(**BENCH_MODEL, max_seq_len=max(seq_len, 1024), attention_impl=impl,
+    config = CausalLanguageModelConfig(**dict(BENCH_MODEL, max_seq_len=max(seq_len, 1024)), attention_impl=impl,
                                        attention_block_size=block_size, activation_checkpointing=remat)
     model = CausalLanguageModel(config)
     optimizer = optax.adamw(3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)  # torch.optim.AdamW defaults

@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_model import BENCH_MODEL, DTYPES  # bench/, this script's directory
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-BENCH_MODEL = dict(vocab_size=32000, num_channels=512, num_heads=8, num_self_attention_layers=6, max_latents=256,
-                   abs_pos_emb=False, output_norm=True, output_bias=False, cross_attention_dropout=0.0)
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def measure(prompt_len: int, new_tokens: int, mode: str, dtype: str) -> dict:
@@ -41,7 +39,7 @@ def measure(prompt_len: int, new_tokens: int, mode: str, dtype: str) -> dict:
     from perceiver_ar_jax.model import CausalLanguageModel
     from perceiver_ar_jax.sampling import Decoding
 
-    config = CausalLanguageModelConfig(**BENCH_MODEL, max_seq_len=prompt_len, dtype=DTYPES[dtype],
+    config = CausalLanguageModelConfig(**dict(BENCH_MODEL, max_seq_len=prompt_len), dtype=DTYPES[dtype],
                                        param_dtype=DTYPES[dtype])
     model = CausalLanguageModel(config)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),

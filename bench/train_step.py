@@ -23,15 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_model import BENCH_MODEL, DTYPES  # bench/, this script's directory
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REF_SCRIPT = REPO.parent / "shared" / "reference" / "bench_torch.py"
-BENCH_MODEL = dict(vocab_size=32000, num_channels=512, num_heads=8, num_self_attention_layers=6, max_seq_len=1024,
-                   max_latents=256, abs_pos_emb=False, output_norm=True, output_bias=False,
-                   cross_attention_dropout=0.0)
 BATCH, SEQ_LEN = 4, 1024
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def repeat(fn, warmup: int, budget_s: float, min_runs: int = 3, max_runs: int = 20) -> tuple[list[float], list[float]]:
