@@ -84,9 +84,10 @@ def check_config(config: ml_collections.ConfigDict, model_config: CausalLanguage
              f"a multiple of processes ({processes}) x the data-parallel devices (data x fsdp = {shards})")
     need(config.data.max_seq_len == model_config.max_seq_len, "data.max_seq_len", config.data.max_seq_len,
          f"equal to model.max_seq_len ({model_config.max_seq_len})")
-    need(model_config.max_latents <= config.data.min_seq_len <= config.data.max_seq_len, "data.min_seq_len",
+    min_seq_len = config.data.max_seq_len if config.data.min_seq_len is None else config.data.min_seq_len
+    need(model_config.max_latents <= min_seq_len <= config.data.max_seq_len, "data.min_seq_len",
          config.data.min_seq_len, f"in [model.max_latents ({model_config.max_latents}), data.max_seq_len "
-         f"({config.data.max_seq_len})]")
+         f"({config.data.max_seq_len})] or None (= data.max_seq_len)")
     for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "sample_every_steps"):
         need(config[field] >= 0, field, config[field], ">= 0 (0 = never)")
     need(config.num_eval_batches >= 1 or not config.eval_every_steps, "num_eval_batches", config.num_eval_batches,
