@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--greedy", action="store_true", help="most likely token at every step (no sampling)")
     ap.add_argument("--num_samples", type=int, default=1)
-    ap.add_argument("--cache", choices=("exact", "perceiver-io"), default="exact",
+    ap.add_argument("--cache", default="exact",
                     help="exact: as a full forward pass every step; perceiver-io: its cached generate")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype")
     ap.add_argument("--ignore_eos", action="store_true", help="keep generating after the end-of-text token")
@@ -52,35 +52,34 @@ def read_prompt(args: argparse.Namespace) -> str:
     return prompt
 
 
+def generation_config(args: argparse.Namespace):
+    """The flags as a GenerationConfig: validated where it is made, as for generate() and Generator."""
+    from perceiver_ar_jax.sampling import GenerationConfig
+
+    if args.max_new_tokens < 1:  # a command that generates nothing is a mistake, not a request
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} is out of range: must be >= 1")
+    return GenerationConfig(num_latents=args.num_latents, max_new_tokens=args.max_new_tokens,
+                            do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, cache=args.cache, num_return_sequences=1)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need no model, so that bad input fails before anything is loaded."""
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens {args.max_new_tokens} is out of range: must be >= 1")
     if args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples} is out of range: must be >= 1")
-    if not args.greedy:
-        if args.temperature <= 0:
-            raise ValueError(f"--temperature {args.temperature} is out of range: must be > 0")
-        if args.top_k is not None and args.top_k < 1:
-            raise ValueError(f"--top_k {args.top_k} is out of range: must be >= 1")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise ValueError(f"--top_p {args.top_p} is out of range: must be in (0, 1]")
     if not os.path.isdir(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} is not a directory")
 
 
-def generate_text(args: argparse.Namespace, prompt: str) -> None:
+def generate_text(args: argparse.Namespace, prompt: str, config) -> None:
     from perceiver_ar_jax.sampling import Generator, enable_compilation_cache
 
     enable_compilation_cache()
     generator = Generator.from_pretrained(args.checkpoint, dtype=args.dtype)
-    sampling = dict(do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    cache=args.cache)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"{'-' * 30} sample {i + 1} {'-' * 30}", flush=True)
-        for piece in generator.stream(prompt, num_latents=args.num_latents, max_new_tokens=args.max_new_tokens,
-                                      stop_at_eos=not args.ignore_eos, rng=args.seed + i, **sampling):
+        for piece in generator.stream(prompt, config=config, stop_at_eos=not args.ignore_eos, rng=args.seed + i):
             print(piece, end="", flush=True)
         print(flush=True)
 
@@ -89,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         prompt = read_prompt(args)
+        config = generation_config(args)
         check_args(args)
-        generate_text(args, prompt)
+        generate_text(args, prompt, config)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

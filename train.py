@@ -8,7 +8,8 @@ Rerunning the same command resumes from the newest good checkpoint in --workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from perceiver_ar_jax import partitioning, train_lib
+from perceiver_ar_jax import training
+from perceiver_ar_jax.training import partitioning
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, tokenizer and config.")
@@ -20,10 +21,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    partitioning.initialize_distributed(FLAGS.config.distributed)  # before anything touches the devices
     try:
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train_lib.NonFiniteLossError as e:
+        training.check_config(FLAGS.config)  # every value, before anything starts
+        partitioning.initialize_distributed(FLAGS.config.distributed)  # before anything touches the devices
+        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except training.NonFiniteLossError as e:
         logging.error("%s", e)
         raise SystemExit(f"error: {e}") from None
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a config value out of range, a bad path

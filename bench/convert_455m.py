@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from perceiver_ar_jax.safetensors_io import write_safetensors  # noqa: E402
+from perceiver_ar_jax.convert.safetensors_io import write_safetensors  # noqa: E402
 
 LISTING = REPO.parent / "shared" / "fixtures" / "455m-state-dict.txt"
 

@@ -60,8 +60,7 @@ def bench_ours(dtype: str, mode: str, batch_size: int, budget_s: float, min_runs
     import jax.numpy as jnp
     import numpy as np
 
-    from perceiver_ar_jax.config import CausalLanguageModelConfig
-    from perceiver_ar_jax.model import CausalLanguageModel
+    from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
     from perceiver_ar_jax.sampling import Decoding
 
     config = CausalLanguageModelConfig(**BENCH_MODEL, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])

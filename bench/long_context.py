@@ -7,7 +7,7 @@ Model: the "bench" config of ../shared/reference/bench_torch.py (vocab 32000, 51
 self-attention layers after the hybrid layer, 256 latents, rotary positions, output norm, no dropout), batch 4,
 max_seq_len = the context length L, so the prefix is L - 256 tokens. One step = forward, cross-entropy on the 256
 latent positions, backward and an AdamW update (lr 3e-4, torch's defaults), float32; ours is
-`perceiver_ar_jax.train_step.train_step` jitted with the state donated, the reference is `bench_torch.py --only
+`perceiver_ar_jax.training.step.train_step` jitted with the state donated, the reference is `bench_torch.py --only
 train --seq-len L` (LitCausalLanguageModel.step + backward + torch.optim.AdamW).
 
 Every measurement runs in its own subprocess, so its peak RSS (ru_maxrss, compilation included for ours) is its
@@ -46,9 +46,8 @@ def measure_ours(seq_len: int, impl: str, block_size: int, remat: bool, budget_s
     import optax
     from flax import linen as nn
 
-    from perceiver_ar_jax.config import CausalLanguageModelConfig
-    from perceiver_ar_jax.model import CausalLanguageModel
-    from perceiver_ar_jax.train_step import TrainState, train_step
+    from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
+    from perceiver_ar_jax.training.step import TrainState, train_step
 
     config = CausalLanguageModelConfig(**dict(BENCH_MODEL, max_seq_len=max(seq_len, 1024)), attention_impl=impl,
                                        attention_block_size=block_size, activation_checkpointing=remat)

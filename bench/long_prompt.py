@@ -35,8 +35,7 @@ def measure(prompt_len: int, new_tokens: int, mode: str, dtype: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from perceiver_ar_jax.config import CausalLanguageModelConfig
-    from perceiver_ar_jax.model import CausalLanguageModel
+    from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
     from perceiver_ar_jax.sampling import Decoding
 
     config = CausalLanguageModelConfig(**dict(BENCH_MODEL, max_seq_len=prompt_len), dtype=DTYPES[dtype],

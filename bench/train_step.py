@@ -58,10 +58,9 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
     import ml_collections
     import numpy as np
 
-    from perceiver_ar_jax import optim
-    from perceiver_ar_jax.config import CausalLanguageModelConfig
-    from perceiver_ar_jax.model import CausalLanguageModel
-    from perceiver_ar_jax.train_step import TrainState, train_step
+    from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
+    from perceiver_ar_jax.training import optimizer as optim
+    from perceiver_ar_jax.training.step import TrainState, train_step
 
     config = CausalLanguageModelConfig(**BENCH_MODEL, dtype=DTYPES[dtype], attention_impl=attention_impl,
                                        activation_checkpointing=remat_policy is not None,

@@ -9,7 +9,7 @@ cosine decay to 0.1 x, gradients clipped to norm 1, 50,000 steps in bfloat16, no
 on 20 batches.
 """
 
-from perceiver_ar_jax.training_config import base_config
+from perceiver_ar_jax.training.config import base_config
 
 
 def get_config():

@@ -7,7 +7,7 @@
 256-token sequences (128 prefix + 128 latents), 128 channels, 1 hybrid + 3 self-attention layers.
 """
 
-from perceiver_ar_jax.training_config import base_config
+from perceiver_ar_jax.training.config import base_config
 
 
 def get_config():

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
     import numpy as np
 
-    from perceiver_ar_jax import checkpoint, train_lib
+    from perceiver_ar_jax import checkpoints, training
     from perceiver_ar_jax.model import CausalLanguageModel
     from perceiver_ar_jax.sampling import generate
     from perceiver_ar_jax.tokenizer import Tokenizer, train_tokenizer
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"training configs/tiny.py for {config.num_train_steps} steps in {workdir} "
           f"({jax.device_count()} {jax.devices()[0].platform} device(s))")
-    result = train_lib.train_and_evaluate(config, str(workdir))
+    result = training.train_and_evaluate(config, str(workdir))
     if result.history:
         first, last = result.history[: config.log_every_steps], result.history[-config.log_every_steps:]
         print(f"training loss fell from {np.mean([h['loss'] for h in first]):.3f} (first {len(first)} steps) to "
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"validation at step {e['step']}: loss {e['loss']:.3f}, perplexity {e['perplexity']:.1f}")
 
     # everything below reads the workdir only, as any other program would
-    model_config, params = checkpoint.load_model(workdir)
+    model_config, params = checkpoints.load_model(workdir)
     tokenizer = Tokenizer.from_pretrained(workdir)
     model = CausalLanguageModel(model_config)
     print(f"\nsamples from the checkpoint in {workdir / 'checkpoints'} (top-k 10):")

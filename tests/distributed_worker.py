@@ -21,33 +21,35 @@ def meshes(out_path, workdir):
     import jax
     import numpy as np
 
-    from perceiver_ar_jax import partitioning, train_lib
-    from perceiver_ar_jax.checkpointing import TrainingCheckpoints
+    from perceiver_ar_jax import training
+    from perceiver_ar_jax.checkpoints import TrainingCheckpoints
+    from perceiver_ar_jax.training import partitioning
     from tests.synthetic_data import SigtermAtBatch, synthetic_datasets, tiny_train_config
 
     assert jax.device_count() == 8, jax.devices()
     out = {"losses": {}}
     for shape in ((8, 1, 1), (1, 4, 2)):  # (2, 2, 2): the first steps of the stopped run below
         config = tiny_train_config(**{"mesh.ici_parallelism": shape})
-        result = train_lib.train_and_evaluate(config, os.path.join(workdir, "x".join(map(str, shape))),
+        result = training.train_and_evaluate(config, os.path.join(workdir, "x".join(map(str, shape))),
                                               datasets=synthetic_datasets(config))
         out["losses"][str(shape)] = losses(result)
 
     # stopped on a (2, 2, 2) mesh, resumed on (1, 4, 2)
     first = tiny_train_config(**{"mesh.ici_parallelism": (2, 2, 2)})
     resume_dir = os.path.join(workdir, "resume")
-    stopped = train_lib.train_and_evaluate(first, resume_dir,
+    stopped = training.train_and_evaluate(first, resume_dir,
                                            datasets=SigtermAtBatch(synthetic_datasets(first), index=3))
     saved = jax.device_get(stopped.state)
     out["losses"][str((2, 2, 2))] = losses(stopped)
     second = tiny_train_config(**{"mesh.ici_parallelism": (1, 4, 2)})
     mesh = partitioning.create_mesh(second.mesh)
-    model_config = train_lib.model_config_from(second)
-    from perceiver_ar_jax import optim
+    model_config = training.model_config_from(second)
     from perceiver_ar_jax.model import CausalLanguageModel
+    from perceiver_ar_jax.training import optimizer as optim
+    from perceiver_ar_jax.training.state import make_init_fn, state_layout
 
-    init_fn = train_lib.make_init_fn(CausalLanguageModel(model_config), optim.make_optimizer(second), second.seed)
-    abstract, _ = train_lib.state_layout(init_fn, mesh, tuple(map(tuple, second.mesh.logical_axis_rules)))
+    init_fn = make_init_fn(CausalLanguageModel(model_config), optim.make_optimizer(second), second.seed)
+    abstract, _ = state_layout(init_fn, mesh, tuple(map(tuple, second.mesh.logical_axis_rules)))
     checkpoints = TrainingCheckpoints(resume_dir, read_only=True)
     restored, data_state = checkpoints.restore(checkpoints.latest_step(), abstract)
     checkpoints.close()
@@ -58,14 +60,14 @@ def meshes(out_path, workdir):
         x.sharding.mesh.axis_sizes == (1, 4, 2) for x in jax.tree.leaves(restored))
     out["restored_data_state"] = data_state
     out["stopped_at"] = int(saved.step)
-    resumed = train_lib.train_and_evaluate(second, resume_dir, datasets=synthetic_datasets(second))
+    resumed = training.train_and_evaluate(second, resume_dir, datasets=synthetic_datasets(second))
     out["resumed_losses"] = losses(resumed)
     with open(out_path, "w") as f:
         json.dump(out, f)
 
 
 def process(out_path, workdir, address, process_id, num_processes):
-    from perceiver_ar_jax import partitioning
+    from perceiver_ar_jax.training import partitioning
     from tests.synthetic_data import synthetic_datasets, tiny_train_config
 
     config = tiny_train_config(**{"mesh.ici_parallelism": (2, -1, 1)})
@@ -74,10 +76,10 @@ def process(out_path, workdir, address, process_id, num_processes):
 
     import jax
 
-    from perceiver_ar_jax import train_lib
+    from perceiver_ar_jax import training
 
     assert jax.process_count() == num_processes and jax.process_index() == process_id
-    result = train_lib.train_and_evaluate(
+    result = training.train_and_evaluate(
         config, workdir, datasets=synthetic_datasets(config, process_index=process_id, process_count=num_processes))
     with open(out_path, "w") as f:
         json.dump({"losses": losses(result), "devices": jax.device_count(),

@@ -67,7 +67,7 @@ def synthetic_datasets(config, process_index: int = 0, process_count: int = 1, n
 
 def tiny_train_config(**overrides):
     """A training config small enough to compile and run a few steps in seconds on one CPU core."""
-    from perceiver_ar_jax.training_config import base_config
+    from perceiver_ar_jax.training.config import base_config
 
     config = base_config()
     config.model.update(vocab_size=64, max_seq_len=32, max_latents=16, num_channels=32, num_heads=2,

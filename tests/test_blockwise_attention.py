@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.attention import MultiHeadAttention, dense_attention, resolve_attention_impl
-from perceiver_ar_jax.blockwise_attention import (
+from perceiver_ar_jax.convert import load_torch_checkpoint
+from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model.attention import MultiHeadAttention, dense_attention, resolve_attention_impl
+from perceiver_ar_jax.model.attention.blockwise import (
     blockwise_attention,
     blockwise_attention_with_lse,
     merge_partial_attention,
 )
-from perceiver_ar_jax.convert import load_torch_checkpoint
-from perceiver_ar_jax.masks import causal_mask, cross_attention_mask
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model.masks import causal_mask, cross_attention_mask
 
 TOLERANCE = 1e-5
 # whole-model logits of the fixture are O(10) (its weights carry large noise): float32 summation order alone

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.attention import dense_attention
-from perceiver_ar_jax.context_parallel import context_axis_size, context_parallel_prefix_attention
-from perceiver_ar_jax.masks import cross_attention_mask
-from perceiver_ar_jax.position import apply_rotary, rotary_angles
-from perceiver_ar_jax.prefix_attention import combine_with_latents, make_projection
+from perceiver_ar_jax.model.attention import dense_attention
+from perceiver_ar_jax.model.attention.context_parallel import context_axis_size, context_parallel_prefix_attention
+from perceiver_ar_jax.model.attention.prefix import combine_with_latents, make_projection
+from perceiver_ar_jax.model.masks import cross_attention_mask
+from perceiver_ar_jax.model.positions import apply_rotary, rotary_angles
 from tests.conftest import PUBLIC_FIXTURE, REPO, require
 
 TOLERANCE = 1e-5
@@ -103,7 +103,7 @@ def model_differences(mesh_shape, tokens_key, seq_len, prefix_len, use_pad, mesh
     with jax.set_mesh(mesh):
         sharded_params = params
         if shard_params:
-            from perceiver_ar_jax.partitioning import DEFAULT_LOGICAL_AXIS_RULES
+            from perceiver_ar_jax.training.partitioning import DEFAULT_LOGICAL_AXIS_RULES
 
             boxed = jax.eval_shape(lambda: CausalLanguageModel(config).init(
                 jax.random.key(0), tokens[:, :32], prefix_len=16)["params"])

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.checkpoint import load_model, save_model
+from perceiver_ar_jax.checkpoints import load_model, save_model
 from perceiver_ar_jax.convert import export_torch_checkpoint, load_torch_checkpoint, main
-from perceiver_ar_jax.safetensors_io import SafetensorsReader, write_safetensors
-from perceiver_ar_jax.torch_checkpoint import CheckpointError
+from perceiver_ar_jax.convert.safetensors_io import SafetensorsReader, write_safetensors
+from perceiver_ar_jax.errors import CheckpointError
 from tests.conftest import REFERENCE_PYTHON, REPO
 
 PREFIX = "backend_model."

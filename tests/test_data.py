@@ -353,10 +353,10 @@ def test_missing_tfds_dataset_and_bad_split_are_reported(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(min_seq_len=49), r"min_seq_len must be in \[1, 48\].*got 49"),
-        (dict(min_seq_len=0), r"min_seq_len must be in \[1, 48\].*got 0"),
-        (dict(source="hf"), "source must be one of"),
-        (dict(eval_fraction=1.5), r"eval_fraction must be in \(0, 1\)"),
+        (dict(min_seq_len=49), r"config\.data\.min_seq_len=49 is out of range: must be in \[1, 48\]"),
+        (dict(min_seq_len=0), r"config\.data\.min_seq_len=0 is out of range: must be in \[1, 48\]"),
+        (dict(source="hf"), r"config\.data\.source='hf' is out of range: must be one of"),
+        (dict(eval_fraction=1.5), r"config\.data\.eval_fraction=1\.5 is out of range: must be in \(0, 1\)"),
     ],
 )
 def test_out_of_range_config_values_are_named(tokenizer, overrides, message):

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from perceiver_ar_jax.checkpointing import TrainingCheckpoints
+from perceiver_ar_jax.checkpoints import TrainingCheckpoints
 
 
 def test_demo_trains_a_tokenizer_and_model_offline_then_samples_from_its_checkpoint(tmp_path):

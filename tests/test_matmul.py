@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from perceiver_ar_jax import matmul
+from perceiver_ar_jax import backend
 
 
 def operands(shape_a, shape_b, dtype, seed=0):
@@ -31,7 +31,7 @@ def test_float32_dot_general_equals_lax_in_value_and_gradients(form):
         out, vjp = jax.vjp(lambda a, b: dot(a, b, dims), a, b)
         return out, vjp(cotangent)
 
-    (out, grads), (expected, expected_grads) = value_and_grads(matmul.dot_general), value_and_grads(lax.dot_general)
+    (out, grads), (expected, expected_grads) = value_and_grads(backend.dot_general), value_and_grads(lax.dot_general)
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-6)
@@ -43,7 +43,7 @@ def test_bfloat16_matmul_accumulates_in_float32_in_both_passes(rhs_transposed):
     values rounded once to bf16 (what a bf16 x bf16 -> f32 GEMM gives)."""
     a, b = operands((16, 64), (32, 64) if rhs_transposed else (64, 32), jnp.bfloat16)
     cotangent = jax.random.normal(jax.random.key(9), (16, 32)).astype(jnp.bfloat16)
-    out, vjp = jax.vjp(lambda a, b: matmul.matmul(a, b, rhs_transposed=rhs_transposed), a, b)
+    out, vjp = jax.vjp(lambda a, b: backend.matmul(a, b, rhs_transposed=rhs_transposed), a, b)
     grad_a, grad_b = vjp(cotangent)
     assert out.dtype == grad_a.dtype == grad_b.dtype == jnp.bfloat16
 
@@ -57,7 +57,7 @@ def test_bfloat16_matmul_accumulates_in_float32_in_both_passes(rhs_transposed):
 
 def test_bfloat16_matmul_can_return_float32():
     a, b = operands((4, 8), (8, 3), jnp.bfloat16)
-    out = matmul.matmul(a, b, jnp.float32)
+    out = backend.matmul(a, b, jnp.float32)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, np.asarray(a, np.float32) @ np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
 
@@ -65,4 +65,4 @@ def test_bfloat16_matmul_can_return_float32():
 def test_other_dimension_numbers_go_to_lax_unchanged():
     a, b = operands((2, 5, 8), (2, 8, 6), jnp.float32)
     dims = (((2,), (1,)), ((0,), (0,)))  # a batched product: not a Dense form
-    np.testing.assert_array_equal(matmul.dot_general(a, b, dims), lax.dot_general(a, b, dims))
+    np.testing.assert_array_equal(backend.dot_general(a, b, dims), lax.dot_general(a, b, dims))

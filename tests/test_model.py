@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.convert import parameter_table, torch_shape
-from perceiver_ar_jax.masks import prefix_keep_indices
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_ar_jax.model.masks import prefix_keep_indices
 from tests import numpy_reference
 from tests.conftest import STATE_DICT_455M, require
 
@@ -156,7 +155,7 @@ def test_released_455m_layout_matches_its_state_dict():
                                        num_heads=10, max_heads_parallel=2, num_self_attention_layers=20,
                                        cross_attention_dropout=0.0, output_norm=True, output_bias=False,
                                        abs_pos_emb=False)
-    from perceiver_ar_jax.checkpoint import abstract_params
+    from perceiver_ar_jax.model import abstract_params
 
     shapes = abstract_params(config)  # nothing is allocated
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 453_950_720

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.attention import dense_attention
 from perceiver_ar_jax.convert import load_torch_checkpoint
-from perceiver_ar_jax.masks import cross_attention_mask
 from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model.attention import dense_attention
+from perceiver_ar_jax.model.masks import cross_attention_mask
 
-pallas_attention = pytest.importorskip("perceiver_ar_jax.pallas_attention",
+pallas_attention = pytest.importorskip("perceiver_ar_jax.model.attention.splash",
                                        reason="this jax has no Pallas TPU splash attention")
 
 TOLERANCE = 1e-5

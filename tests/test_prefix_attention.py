@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.attention import dense_attention
-from perceiver_ar_jax.masks import cross_attention_mask
-from perceiver_ar_jax.position import apply_rotary, rotary_angles
-from perceiver_ar_jax.prefix_attention import combine_with_latents, make_projection, prefix_attention
+from perceiver_ar_jax.model.attention import dense_attention
+from perceiver_ar_jax.model.attention.prefix import combine_with_latents, make_projection, prefix_attention
+from perceiver_ar_jax.model.masks import cross_attention_mask
+from perceiver_ar_jax.model.positions import apply_rotary, rotary_angles
 
 BATCH, HEADS, HEAD_DIM, CHANNELS, LATENTS = 2, 3, 4, 12, 8
 NORM = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_ar_jax.config import CausalLanguageModelConfig
 from perceiver_ar_jax.convert import load_torch_checkpoint
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
 from perceiver_ar_jax.sampling import (
     Decoding,
+    GenerationConfig,
     Generator,
     Sampler,
     SamplingArgs,
@@ -137,6 +137,36 @@ def test_validation_errors_name_the_valid_range(small):
         generate(model, params, ids, cache="none")
     with pytest.raises(ValueError, match="top_p"):
         generate(model, params, ids, do_sample=True, top_p=1.5)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(top_k=-1), "top_k=-1 out of valid range: must be None (all tokens) or an integer >= 1"),
+    (dict(top_p=0.0), "top_p=0.0 out of valid range: must be None (off) or in (0, 1]"),
+    (dict(temperature=0.0), "temperature=0.0 out of valid range: must be a number > 0"),
+    (dict(cache="none"), "cache='none' out of valid range: must be a cache mode"),
+])
+def test_generation_settings_are_checked_once_the_same_for_every_entry_point(small, model_dir, tmp_path, setting,
+                                                                             message):
+    model, params = small
+    ids = np.ones((1, 5), np.int32)
+    with pytest.raises(ValueError) as direct:
+        GenerationConfig(do_sample=True, **setting)
+    assert message in str(direct.value)
+    with pytest.raises(ValueError) as via_generate:
+        generate(model, params, ids, do_sample=True, **setting)
+    with pytest.raises(ValueError) as via_config:
+        generate(model, params, ids, config=GenerationConfig().replace(do_sample=True, **setting))
+    generator = Generator.from_pretrained(model_dir)
+    with pytest.raises(ValueError) as via_generator:
+        generator("Hello", do_sample=True, **setting)
+    assert str(via_generate.value) == str(via_config.value) == str(via_generator.value) == str(direct.value)
+    flag, value = next(iter(setting.items()))
+    proc = run_sample_py("--checkpoint", model_dir, "--prompt", "Hello", f"--{flag}", value, tmp_path=tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip() == f"error: {direct.value}", proc.stderr
+
+
+def test_top_k_zero_means_all_tokens_everywhere():
+    assert GenerationConfig(top_k=0).top_k is None
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from perceiver_ar_jax import checkpoint as model_dir
-from perceiver_ar_jax import partitioning, train_lib
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax import checkpoints, training
+from perceiver_ar_jax.model import CausalLanguageModel, abstract_params
+from perceiver_ar_jax.training import partitioning
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
@@ -40,15 +40,15 @@ def test_the_three_configs_exist():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_a_valid_model_and_training_setup(name):
     config = load(name)
-    model_config = train_lib.model_config_from(config)
+    model_config = training.model_config_from(config)
     assert config.data.max_seq_len == model_config.max_seq_len
     mesh = partitioning.create_mesh(config.mesh)  # one CPU device
-    train_lib.check_config(config, model_config, mesh)
+    assert training.check_config(config, partitioning.num_batch_shards(mesh), jax.process_count()) == model_config
 
 
 def test_c4_455m_is_the_released_model_with_its_training_settings():
     config = load("c4_455m")
-    model_config = train_lib.model_config_from(config)
+    model_config = training.model_config_from(config)
     expected_model = dict(vocab_size=32000, max_seq_len=1024, max_latents=512, num_channels=1280, num_heads=10,
                           num_self_attention_layers=20, abs_pos_emb=False, output_norm=True, output_bias=False,
                           max_heads_parallel=2, cross_attention_dropout=0.0, post_attention_dropout=0.0,
@@ -59,7 +59,7 @@ def test_c4_455m_is_the_released_model_with_its_training_settings():
                              grad_accum_steps=1)
     assert {k: config[k] for k in expected_training} == expected_training
     assert (config.data.source, config.data.tfds_name, config.data.min_seq_len) == ("tfds", "c4/en", 512)
-    abstract = model_dir.abstract_params(model_config)
+    abstract = abstract_params(model_config)
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == 453_950_720
 
 
@@ -69,7 +69,7 @@ def test_c4_455m_shards_every_large_parameter_on_a_pod_slice_mesh():
     config = load("c4_455m")
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 128, "tensor": 2})  # mesh_spec reads axis sizes only
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-    model = CausalLanguageModel(train_lib.model_config_from(config))
+    model = CausalLanguageModel(training.model_config_from(config))
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), prefix_len=0))
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     specs = jax.tree_util.tree_flatten_with_path(nn.get_partition_spec(boxed)["params"], is_leaf=is_spec)[0]
@@ -112,10 +112,37 @@ def test_train_py_runs_with_overrides_from_the_command_line(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step 4/4 | loss" in proc.stdout and "eval at step 4" in proc.stdout
-    config, _ = model_dir.load_model(workdir)
+    config, _ = checkpoints.load_model(workdir)
     assert (config.num_channels, config.max_seq_len, config.vocab_size) == (32, 64, 300)  # the overrides
     assert (workdir / "spiece.model").is_file() and (workdir / "train_config.json").is_file()
     bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path / 'bad'}", "--config.model.max_latents=2000"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "max_latents" in bad.stderr
     assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("override, message", [
+    (("model", "num_heads", 5), r"config\.model\.num_channels=128 is out of range: must be divisible by num_heads"),
+    (("model", "num_heads", 0), r"config\.model\.num_heads=0 is out of range: must be an integer >= 1"),
+    (("data", "min_seq_len", 4096), r"config\.data\.min_seq_len=4096 is out of range: must be in \[1, 256\]"),
+    (("data", "min_seq_len", 64), r"config\.data\.min_seq_len=64 is out of range: must be in \[model\.max_latents"),
+    ((None, "learning_rate", -1.0), r"config\.learning_rate=-1\.0 is out of range: must be > 0"),
+    ((None, "eval_every_steps", -1), r"config\.eval_every_steps=-1 is out of range: must be an integer >= 0"),
+    (("mesh", "ici_parallelism", (1, 0, 1)), r"config\.mesh\.ici_parallelism=\(1, 0, 1\) is out of range"),
+])
+def test_every_section_names_the_flag_as_typed(override, message):
+    config = load("tiny")
+    section, field, value = override
+    with config.unlocked():
+        (config if section is None else config[section])[field] = value
+    with pytest.raises(ValueError, match=message):
+        training.check_config(config)
+
+
+def test_a_misspelled_model_field_names_the_closest_one():
+    config = load("tiny")
+    with config.unlocked():
+        config.model.num_head = 4
+    with pytest.raises(ValueError, match=r"config\.model\.num_head=4 is not a config field: did you mean "
+                                         r"model\.num_heads\?"):
+        training.check_config(config)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perceiver_ar_jax import train_lib
+from perceiver_ar_jax import training
 from tests.synthetic_data import synthetic_datasets, tiny_train_config
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -31,7 +31,7 @@ def worker_env(num_devices):
 @pytest.fixture(scope="module")
 def one_device_losses(tmp_path_factory):
     config = tiny_train_config()
-    result = train_lib.train_and_evaluate(config, str(tmp_path_factory.mktemp("one")),
+    result = training.train_and_evaluate(config, str(tmp_path_factory.mktemp("one")),
                                           datasets=synthetic_datasets(config))
     return [h["loss"] for h in result.history]
 

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from perceiver_ar_jax import checkpoint as model_dir
-from perceiver_ar_jax import train_lib
-from perceiver_ar_jax.checkpointing import TrainingCheckpoints
+from perceiver_ar_jax import checkpoints as model_directory
+from perceiver_ar_jax import training
+from perceiver_ar_jax.checkpoints import TrainingCheckpoints
 from tests.synthetic_data import SigtermAtBatch, synthetic_datasets, tiny_train_config
 
 
@@ -23,7 +23,7 @@ def assert_trees_equal(a, b):
 
 
 def run(config, workdir, datasets=None):
-    return train_lib.train_and_evaluate(config, str(workdir), datasets=datasets or synthetic_datasets(config))
+    return training.train_and_evaluate(config, str(workdir), datasets=datasets or synthetic_datasets(config))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_tiny_run_learns_and_leaves_a_loadable_workdir(tmp_path):
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
     assert TrainingCheckpoints(str(tmp_path), read_only=True).steps() == [10, 20, 30]
     # the workdir is a model directory: the sampler's load_model reads the newest checkpoint's parameters
-    config_read, params = model_dir.load_model(tmp_path)
-    assert config_read == train_lib.model_config_from(config)
+    config_read, params = model_directory.load_model(tmp_path)
+    assert config_read == training.model_config_from(config)
     assert_trees_equal(params, result.state.params)
 
 
@@ -101,18 +101,18 @@ def test_interrupted_save_is_ignored(uninterrupted, tmp_path, caplog):
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     # a learning rate of 1e25 after the first (lr 0) step blows the parameters up within a few steps
     config = tiny_train_config(learning_rate=1e25, warmup_steps=2, checkpoint_every_steps=1, num_train_steps=8)
-    with pytest.raises(train_lib.NonFiniteLossError, match=r"training diverged at step \d+.*last good checkpoint"):
+    with pytest.raises(training.NonFiniteLossError, match=r"training diverged at step \d+.*last good checkpoint"):
         run(config, tmp_path)
     checkpoints = TrainingCheckpoints(str(tmp_path), read_only=True)
     assert 1 <= checkpoints.latest_step() < 8
-    _, params = model_dir.load_model(tmp_path)
+    _, params = model_directory.load_model(tmp_path)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
 def test_init_from_a_model_directory_starts_from_its_parameters(uninterrupted, tmp_path):
     config, _, reference = uninterrupted
     source = tmp_path / "converted"
-    model_dir.save_model(source, train_lib.model_config_from(config), jax.device_get(reference.state.params))
+    model_directory.save_model(source, training.model_config_from(config), jax.device_get(reference.state.params))
     # one step at warmup step 0 has learning rate 0, so the parameters after it are exactly the loaded ones
     finetune = tiny_train_config(init_from=str(source), num_train_steps=1, seed=5)
     result = run(finetune, tmp_path / "finetune")

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from perceiver_ar_jax import metrics, partitioning
-from perceiver_ar_jax.config import CausalLanguageModelConfig
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_ar_jax.training import metrics, partitioning
 
 
 def xla_flops(fn, *args) -> float:

@@ -10,11 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from perceiver_ar_jax import optim
-from perceiver_ar_jax.config import CausalLanguageModelConfig
-from perceiver_ar_jax.model import CausalLanguageModel
-from perceiver_ar_jax.train_step import TrainState, eval_step, loss_sums, split_microbatches
-from perceiver_ar_jax.train_step import train_step as _train_step
+from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_ar_jax.training import optimizer as optim
+from perceiver_ar_jax.training.step import TrainState, eval_step, loss_sums, split_microbatches
+from perceiver_ar_jax.training.step import train_step as _train_step
 
 TINY = CausalLanguageModelConfig(vocab_size=50, max_seq_len=24, max_latents=8, num_channels=32, num_heads=2,
                                  num_self_attention_layers=2, cross_attention_dropout=0.0, abs_pos_emb=False)

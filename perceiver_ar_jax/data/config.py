@@ -1,9 +1,11 @@
-"""The ``data`` section of a training config: defaults and checks."""
+"""The ``data`` section of a training config: defaults and their one validation."""
 
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
+
+from perceiver_ar_jax.errors import check
 
 SOURCES = ("tfds", "text")
 
@@ -45,17 +47,24 @@ def data_config_defaults() -> ml_collections.ConfigDict:
 
 
 def check_data_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first field whose value is out of range."""
-    if config.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {config.source!r}")
-    if not isinstance(config.max_seq_len, int) or config.max_seq_len < 1:
-        raise ValueError(f"data.max_seq_len must be an integer >= 1, got {config.max_seq_len!r}")
-    if config.min_seq_len is not None and not 1 <= config.min_seq_len <= config.max_seq_len:
-        raise ValueError(
-            f"data.min_seq_len must be in [1, {config.max_seq_len}] (data.max_seq_len) or None, "
-            f"got {config.min_seq_len}"
-        )
-    if config.shuffle_buffer_size < 0:
-        raise ValueError(f"data.shuffle_buffer_size must be >= 0, got {config.shuffle_buffer_size}")
-    if config.prefetch_batches < 0:
-        raise ValueError(f"data.prefetch_batches must be >= 0, got {config.prefetch_batches}")
+    """Raise ConfigError (a ValueError) naming the first field of the ``data`` section that is out of range."""
+
+    def need(ok: bool, field: str, allowed: str) -> None:
+        check(ok, f"data.{field}", config[field], allowed)
+
+    need(config.source in SOURCES, "source", f"one of {SOURCES}")
+    need(_is_int(config.max_seq_len) and config.max_seq_len >= 1, "max_seq_len", "an integer >= 1")
+    need(config.min_seq_len is None or (_is_int(config.min_seq_len) and 1 <= config.min_seq_len <= config.max_seq_len),
+         "min_seq_len", f"in [1, {config.max_seq_len}] (data.max_seq_len) or None (= data.max_seq_len)")
+    need(_is_int(config.shuffle_buffer_size) and config.shuffle_buffer_size >= 0, "shuffle_buffer_size",
+         "an integer >= 0")
+    need(_is_int(config.prefetch_batches) and config.prefetch_batches >= 0, "prefetch_batches", "an integer >= 0")
+    need(isinstance(config.eval_fraction, (int, float)) and 0.0 < config.eval_fraction < 1.0, "eval_fraction",
+         "in (0, 1)")
+    need(config.text_doc_separator is None or (isinstance(config.text_doc_separator, str)
+                                               and config.text_doc_separator != ""),
+         "text_doc_separator", "None (one document per file) or a non-empty string")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

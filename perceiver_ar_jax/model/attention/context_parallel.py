@@ -21,7 +21,7 @@ summed over the axis.
 
 A query whose keys are all masked (left padding with prefix_len 0) attends uniformly to all keys in the dense
 path; a merged log-sum-exp cannot express that, so such rows are found from the mask and set to the mean of all
-values (see prefix_attention.py). The prefix is zero-padded to a multiple of the axis size with masked keys, which
+values (see prefix.py). The prefix is zero-padded to a multiple of the axis size with masked keys, which
 that mean leaves out.
 """
 
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from perceiver_ar_jax.blockwise_attention import mask_4d
-from perceiver_ar_jax.prefix_attention import PrefixAttention, ProjectFn, prefix_attention
+from perceiver_ar_jax.model.attention.blockwise import mask_4d
+from perceiver_ar_jax.model.attention.prefix import PrefixAttention, ProjectFn, prefix_attention
 
 
 def context_axis_size(axis_name: str) -> int:

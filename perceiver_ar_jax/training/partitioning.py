@@ -22,6 +22,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from perceiver_ar_jax.errors import check
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -46,9 +48,7 @@ def initialize_distributed(config) -> None:
     or on a Cloud TPU VM (then without arguments: JAX finds the other hosts of the slice in the TPU metadata, and
     a single-host slice is simply one process). "yes" always initializes (JAX detects TPU, SLURM, MPI, k8s).
     """
-    mode = config.initialize
-    if mode not in ("auto", "yes", "no"):
-        raise ValueError(f"distributed.initialize={mode!r} is out of range: must be 'auto', 'yes' or 'no'")
+    mode = config.initialize  # checked by training.config.check_config
     explicit = bool(config.coordinator_address)
     if mode == "no" or (mode == "auto" and not explicit and not _cloud_tpu_vm()):
         return
@@ -77,16 +77,15 @@ def _cloud_tpu_vm() -> bool:
 def fill_parallelism(sizes: Sequence[int], total: int, name: str) -> tuple[int, ...]:
     """Replace the one -1 in `sizes` by what is left of `total`; check that the product is `total`."""
     sizes = tuple(int(s) for s in sizes)
-    if len(sizes) != len(MESH_AXES) or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ValueError(f"{name}={sizes} is out of range: must be {len(MESH_AXES)} sizes for {MESH_AXES}, "
-                         "each >= 1 or one -1 (= the devices left)")
+    check(len(sizes) == len(MESH_AXES) and all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1, name,
+          sizes, f"{len(MESH_AXES)} sizes for {MESH_AXES}, each >= 1 or one -1 (= the devices left)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if total % known:
-            raise ValueError(f"{name}={sizes}: {total} devices cannot be split into {known} x (the rest)")
+        check(total % known == 0, name, sizes, f"sizes whose product divides the {total} devices: they cannot be "
+              f"split into {known} x (the rest)")
         sizes = tuple(total // known if s == -1 else s for s in sizes)
-    if math.prod(sizes) != total:
-        raise ValueError(f"{name}={sizes} needs {math.prod(sizes)} devices but there are {total}")
+    check(math.prod(sizes) == total, name, sizes, f"sizes whose product is the {total} devices (this needs "
+          f"{math.prod(sizes)})")
     return sizes
 
 

@@ -1,7 +1,14 @@
-"""The model's weight matrix products: one 2-D matrix product each, float32 accumulation in every precision.
+"""What depends on the backend (CPU, GPU, TPU) and only changes how fast, never what, is computed.
 
-Two things make XLA's own lowering of Flax's `Dense` slow on CPU, and this module fixes both without changing
-what is computed:
+Everything the library tunes for one backend lives here, behind functions whose signatures say nothing of it:
+- `matmul` / `dot_general` / `tied_output`: every weight product of the model (below);
+- `decode_cache_dtype`: the dtype of decoding's key/value caches;
+- `decode_compiler_options`: XLA options for the compiled decode loop;
+- `enable_compilation_cache`: JAX's persistent compilation cache, so that a second process starts fast.
+
+The weight products are one 2-D matrix product each, with float32 accumulation in every precision. Two things
+make XLA's own lowering of Flax's `Dense` slow on CPU, and this module fixes both without changing what is
+computed:
 
 - A (batch, tokens, channels) input contracted with a weight gives, in the backward pass, a weight gradient that
   contracts two axes (batch and tokens); XLA:CPU runs that 2-3x slower than the same product on a 2-D matrix.
@@ -18,14 +25,18 @@ float32 operands take the same 2-D path and JAX's own derivative.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["dot_general", "matmul"]
+__all__ = ["decode_cache_dtype", "decode_compiler_options", "dot_general", "enable_compilation_cache", "matmul",
+           "tied_output"]
 
 
 def matmul(a: jnp.ndarray, b: jnp.ndarray, out_dtype: jnp.dtype | None = None,
@@ -89,3 +100,46 @@ def dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers, precision
     y = matmul(lhs.reshape(math.prod(lead), inner), rhs.reshape(inner, math.prod(out)),
                preferred_element_type or jnp.result_type(lhs, rhs))
     return y.reshape(lead + out)
+
+
+def tied_output(rows: jnp.ndarray, embedding: jnp.ndarray) -> jnp.ndarray:
+    """Logits through a tied embedding: rows (n, channels) x embedding (vocab, channels)^T -> (n, vocab) float32."""
+    return matmul(rows, embedding, jnp.float32, rhs_transposed=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding
+def decode_cache_dtype(compute_dtype: Any) -> jnp.dtype:
+    """The dtype of decoding's key/value caches: the compute dtype, except float32 on CPU, where XLA's bfloat16
+    products of one query with a cache run over ten times slower than float32 ones (and the attention softmax is
+    float32 anyway)."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(compute_dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def decode_compiler_options() -> dict[str, Any]:
+    """XLA options for the compiled decode loop.
+
+    On CPU, XLA's default copy insertion copies every cache once or twice per step (a step reads a cache and then
+    updates one slot in place); its region analysis sees that the read comes first.
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    options = {"xla_cpu_copy_insertion_use_region_analysis": True}
+    try:  # an XLA without this option only gets slower decoding
+        jax.jit(lambda x: x + 1, compiler_options=options)(jnp.int32(0)).block_until_ready()
+    except Exception:  # noqa: BLE001 - JaxRuntimeError "No such compile option"
+        return {}
+    return options
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
+    """Turn on JAX's persistent compilation cache, so that a later process loads compiled programs (the decode
+    loop) instead of compiling them again. directory: $JAX_COMPILATION_CACHE_DIR, else
+    ~/.cache/perceiver_ar_jax/jax. Returns the directory."""
+    directory = os.fspath(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                          or os.path.join(os.path.expanduser("~"), ".cache", "perceiver_ar_jax", "jax"))
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # skip only the trivial programs
+    return directory

@@ -9,9 +9,10 @@ changes how the same maths is executed (dtypes, rematerialisation, attention ker
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
+
+from perceiver_ar_jax.errors import ConfigError, check
 
 REMAT_POLICIES = (
     "nothing_saveable",
@@ -79,11 +80,10 @@ class CausalLanguageModelConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise ConfigError (a ValueError) naming the first field that is out of range."""
 
         def need(ok: bool, field: str, allowed: str):
-            if not ok:
-                raise ValueError(f"config.{field}={getattr(self, field)!r} is out of range: must be {allowed}")
+            check(ok, field, getattr(self, field), allowed)
 
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -136,15 +136,8 @@ class CausalLanguageModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if strict and unknown:
-            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+            raise ConfigError.unknown(unknown[0], values[unknown[0]], known)
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CausalLanguageModelConfig:
-        return cls.from_dict(json.loads(text), strict=True)
 
 
 PERCEIVER_IO_FIELDS = tuple(

@@ -26,18 +26,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from perceiver_ar_jax.safetensors_io import SafetensorsError, SafetensorsReader
+from perceiver_ar_jax.convert.safetensors_io import SafetensorsError, SafetensorsReader
+from perceiver_ar_jax.errors import CheckpointError
 
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # Key prefixes of the two layouts, and module-wrapper segments that FSDP / activation checkpointing may insert.
 _PREFIXES = ("backend_model.", "model.")
 _WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_fpw_module.", "module._orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, refused, or of another model."""
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@
 
 `config` is an ml_collections ConfigDict as in configs/*.py (`batch_size` is the global batch, summed over all
 processes and devices). The workdir ends up a model directory too: `config.json` (the model config), the tokenizer
-files and `checkpoints/`, so `perceiver_ar_jax.checkpoint.load_model(workdir)` and the sampler read the newest
+files and `checkpoints/`, so `perceiver_ar_jax.checkpoints.load_model(workdir)` and the sampler read the newest
 good parameters straight from it.
 """
 
@@ -12,29 +12,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 
-from perceiver_ar_jax import checkpoint as model_dir
-from perceiver_ar_jax import checkpointing, optim, partitioning
-from perceiver_ar_jax import metrics as metrics_lib
-from perceiver_ar_jax.checkpointing import StopSignal, TrainingCheckpoints
-from perceiver_ar_jax.config import CausalLanguageModelConfig
+from perceiver_ar_jax.checkpoints import TrainingCheckpoints, workdir_path
+from perceiver_ar_jax.errors import check
 from perceiver_ar_jax.model import CausalLanguageModel
-from perceiver_ar_jax.train_step import TrainState, eval_step, train_step
+from perceiver_ar_jax.training import metrics as metrics_lib
+from perceiver_ar_jax.training import optimizer as optimizer_lib
+from perceiver_ar_jax.training import partitioning
+from perceiver_ar_jax.training.config import check_config
+from perceiver_ar_jax.training.state import (
+    check_same_parameters,
+    make_init_fn,
+    read_workdir_model_config,
+    restore_or_init,
+    state_layout,
+    write_workdir_files,
+)
+from perceiver_ar_jax.training.step import TrainState, eval_step, train_step
 
-TRAIN_CONFIG_FILE = "train_config.json"
 
-
-class BatchIterator(Protocol):
+class ResumableIterator(Protocol):
     """What the input pipeline yields: numpy dicts of (per-process batch, max_seq_len) arrays, resumable."""
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
@@ -44,7 +50,7 @@ class BatchIterator(Protocol):
 
 
 # split ("train" | "eval"), per-process batch size -> a fresh iterator at the start of that split's stream
-DatasetFactory = Callable[[str, int], BatchIterator]
+DatasetFactory = Callable[[str, int], ResumableIterator]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,51 +65,14 @@ class TrainResult:
     stopped_early: bool  # True when a stop signal or preemption ended the run before num_train_steps
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# configuration
-def model_config_from(config: ml_collections.ConfigDict) -> CausalLanguageModelConfig:
-    return CausalLanguageModelConfig.from_dict(config.model.to_dict(), strict=True)
-
-
-def check_config(config: ml_collections.ConfigDict, model_config: CausalLanguageModelConfig,
-                 mesh: jax.sharding.Mesh) -> None:
-    """Raise ValueError naming the first training field that is out of range for this config and mesh."""
-    shards, processes = partitioning.num_batch_shards(mesh), jax.process_count()
-
-    def need(ok: bool, field: str, value: Any, allowed: str) -> None:
-        if not ok:
-            raise ValueError(f"config.{field}={value!r} is out of range: must be {allowed}")
-
-    need(config.num_train_steps >= 1, "num_train_steps", config.num_train_steps, ">= 1")
-    need(config.grad_accum_steps >= 1, "grad_accum_steps", config.grad_accum_steps, ">= 1")
-    for field, microbatches in (("batch_size", config.grad_accum_steps), ("eval_batch_size", 1)):
-        size = config[field]
-        need(size >= 1 and size % (processes * microbatches * shards) == 0, field, size,
-             f"a multiple of processes ({processes}) x grad_accum_steps ({microbatches}) x the data-parallel "
-             f"devices (data x fsdp = {shards})" if microbatches > 1 else
-             f"a multiple of processes ({processes}) x the data-parallel devices (data x fsdp = {shards})")
-    need(config.data.max_seq_len == model_config.max_seq_len, "data.max_seq_len", config.data.max_seq_len,
-         f"equal to model.max_seq_len ({model_config.max_seq_len})")
-    min_seq_len = config.data.max_seq_len if config.data.min_seq_len is None else config.data.min_seq_len
-    need(model_config.max_latents <= min_seq_len <= config.data.max_seq_len, "data.min_seq_len",
-         config.data.min_seq_len, f"in [model.max_latents ({model_config.max_latents}), data.max_seq_len "
-         f"({config.data.max_seq_len})] or None (= data.max_seq_len)")
-    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "sample_every_steps"):
-        need(config[field] >= 0, field, config[field], ">= 0 (0 = never)")
-    need(config.num_eval_batches >= 1 or not config.eval_every_steps, "num_eval_batches", config.num_eval_batches,
-         ">= 1 when eval_every_steps > 0")
-    need(config.z_loss_weight >= 0, "z_loss_weight", config.z_loss_weight, ">= 0")
-
-
 def default_datasets(config: ml_collections.ConfigDict, tokenizer) -> DatasetFactory:
     """The input pipeline of perceiver_ar_jax.data: TFDS (e.g. c4/en) or local text, this process's share."""
     from perceiver_ar_jax import data
 
-    if tokenizer is None:
-        raise ValueError("config.tokenizer_dir='' is out of range: the input pipeline needs a tokenizer directory "
-                         "(spiece.model, tokenizer_config.json)")
+    check(tokenizer is not None, "tokenizer_dir", config.tokenizer_dir,
+          "a tokenizer directory (spiece.model, tokenizer_config.json): the input pipeline needs one")
 
-    def make(split: str, batch_size: int) -> BatchIterator:
+    def make(split: str, batch_size: int) -> ResumableIterator:
         train = split == "train"
         # evaluation starts at the beginning of the eval split every time, so it sees the same batches; the split
         # repeats so that every process yields num_eval_batches batches even when its share is short (processes
@@ -116,75 +85,6 @@ def default_datasets(config: ml_collections.ConfigDict, tokenizer) -> DatasetFac
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# state
-def make_init_fn(model: CausalLanguageModel, optimizer, seed: int) -> Callable[[], TrainState]:
-    """() -> TrainState with boxed (logically partitioned) params and optimizer state."""
-
-    def init() -> TrainState:
-        params_key, dropout_key = jax.random.split(jax.random.key(seed))
-        ids = jnp.zeros((1, model.config.max_latents), jnp.int32)  # parameter shapes do not depend on length
-        params = model.init(params_key, ids, prefix_len=0)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          rng=jax.random.key_data(dropout_key))
-
-    return init
-
-
-def state_layout(init_fn, mesh, rules) -> tuple[TrainState, TrainState]:
-    """(abstract state with shardings, the tree of shardings) without allocating anything."""
-    abstract = jax.eval_shape(init_fn)
-    shardings = partitioning.tree_shardings(nn.get_partition_spec(abstract), nn.unbox(abstract), mesh, rules)
-    return partitioning.abstract_with_shardings(nn.unbox(abstract), shardings), shardings
-
-
-def check_same_parameters(source_config: CausalLanguageModelConfig, abstract_params, what: str) -> None:
-    """Raise ValueError naming the first parameter whose shape differs between source_config and ours."""
-    ours = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    theirs = dict(jax.tree_util.tree_flatten_with_path(model_dir.abstract_params(source_config))[0])
-    if len(ours) != len(theirs):
-        raise ValueError(f"{what}: its model has {len(theirs)} parameter arrays, this config's {len(ours)}; the "
-                         "architectures differ")
-    for path, leaf in ours:
-        other = theirs.get(path)
-        if other is None or other.shape != leaf.shape:
-            raise ValueError(f"{what}: parameter {jax.tree_util.keystr(path)} has shape "
-                             f"{None if other is None else other.shape} there but {leaf.shape} in this config")
-
-
-def load_pretrained_params(directory: str, model_config: CausalLanguageModelConfig, abstract_params, shardings):
-    """Parameters of a converted model directory (or a training workdir) for fine-tuning, onto our shardings."""
-    source_config = model_dir.read_config(directory)
-    check_same_parameters(source_config, abstract_params, f"init_from={directory}")
-    for field in ("num_self_attention_rotary_layers", "abs_pos_emb", "num_heads"):
-        if getattr(source_config, field) != getattr(model_config, field):
-            logging.warning("init_from: %s is %r in %s but %r here", field, getattr(source_config, field),
-                            directory, getattr(model_config, field))
-    _, params = model_dir.load_model(directory, sharding=shardings)
-    return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract_params)
-
-
-def read_workdir_model_config(workdir: epath.Path) -> CausalLanguageModelConfig | None:
-    """The model config a workdir's checkpoints were trained with (its config.json), or None for a new workdir."""
-    path = workdir / model_dir.CONFIG_FILE
-    if not path.exists() or not checkpointing.is_training_workdir(workdir):
-        return None
-    return model_dir.config_from_json(path.read_text())
-
-
-def write_workdir_files(workdir: epath.Path, config, model_config: CausalLanguageModelConfig, tokenizer_dir) -> None:
-    """config.json (the model directory format), train_config.json and the tokenizer files (process 0).
-
-    With them the workdir is also a model directory: perceiver_ar_jax.checkpoint.load_model(workdir) reads it."""
-    if jax.process_index() != 0:
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / model_dir.CONFIG_FILE).write_text(model_dir.config_json(model_config))
-    (workdir / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    if tokenizer_dir:
-        model_dir.copy_tokenizer_files(tokenizer_dir, workdir)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the loop
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        datasets: DatasetFactory | None = None) -> TrainResult:
@@ -192,10 +92,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     datasets: overrides the input pipeline (tests, custom data); default: perceiver_ar_jax.data per config.data.
     """
-    workdir = checkpointing.workdir_path(workdir)  # local, or gs://... on TPU VMs
-    model_config = model_config_from(config)
+    workdir = workdir_path(workdir)  # local, or gs://... on TPU VMs
+    model_config = check_config(config)  # every value, before the mesh is built
     mesh = partitioning.create_mesh(config.mesh)
-    check_config(config, model_config, mesh)
+    check_config(config, partitioning.num_batch_shards(mesh), jax.process_count())  # and what the mesh needs
     rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
     logging.info("mesh %s on %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
@@ -204,14 +104,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         from perceiver_ar_jax.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(config.tokenizer_dir)
-        if tokenizer.vocab_size > model_config.vocab_size:
-            raise ValueError(f"config.model.vocab_size={model_config.vocab_size} is out of range: must be >= the "
-                             f"tokenizer's vocabulary ({tokenizer.vocab_size}, {config.tokenizer_dir})")
+        check(tokenizer.vocab_size <= model_config.vocab_size, "model.vocab_size", model_config.vocab_size,
+              f">= the tokenizer's vocabulary ({tokenizer.vocab_size}, {config.tokenizer_dir})")
     datasets = datasets or default_datasets(config, tokenizer)
 
     model = CausalLanguageModel(model_config)
-    optimizer = optim.make_optimizer(config)
-    schedule = optim.make_schedule(config)
+    optimizer = optimizer_lib.make_optimizer(config)
+    schedule = optimizer_lib.make_schedule(config)
     init_fn = make_init_fn(model, optimizer, config.seed)
     abstract_state, state_shardings = state_layout(init_fn, mesh, rules)
     trained_with = read_workdir_model_config(workdir)
@@ -246,29 +145,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 checkpoints.close()
 
 
-def restore_or_init(config, model_config, checkpoints, datasets, init_fn, abstract_state, state_shardings):
-    """(state, this process's training iterator): from the newest good checkpoint, else freshly initialised
-    (with init_from's parameters when given)."""
-    found = checkpoints.restore_latest(lambda step: checkpoints.restore(step, abstract_state))
-    data_state = None
-    if found is not None:
-        state, data_state = found[1]
-        logging.info("resumed from the checkpoint at step %d in %s", found[0], checkpoints.directory)
-        if config.init_from:
-            logging.info("init_from=%s is ignored: the run resumes from its own checkpoint", config.init_from)
-    else:
-        state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_shardings)()
-        if config.init_from:
-            params = load_pretrained_params(config.init_from, model_config, abstract_state.params,
-                                            state_shardings.params)
-            state = state.replace(params=params)
-            logging.info("parameters initialised from %s", config.init_from)
-    train_iter = datasets("train", config.batch_size // jax.process_count())
-    if data_state is not None:
-        train_iter.set_state(data_state)
-    return state, train_iter
-
-
 class _Loop:
     """The step loop and its periodic jobs (logging, evaluation, samples, checkpoints, preemption)."""
 
@@ -285,7 +161,7 @@ class _Loop:
         self.last_good_step: int | None = checkpoints.latest_step()
         self.sampling_enabled = config.sample_every_steps > 0 and tokenizer is not None
         # the eval stream, made on first use and rewound to its start for every evaluation
-        self.eval_iter: BatchIterator | None = None
+        self.eval_iter: ResumableIterator | None = None
         self.eval_start: dict[str, Any] | None = None
 
     def close(self) -> None:
@@ -296,7 +172,7 @@ class _Loop:
             self.stop_signal.restore()
 
     # ------------------------------------------------------------------------------------------------------------
-    def run(self, state: TrainState, train_iter: BatchIterator) -> TrainResult:
+    def run(self, state: TrainState, train_iter: ResumableIterator) -> TrainResult:
         config = self.config
         start = int(jax.device_get(state.step))
         total = config.num_train_steps
@@ -391,7 +267,7 @@ class _Loop:
         self.writer.scalars(step, {f"train/{k}": v for k, v in values.items()})
         self.writer.console(metrics_lib.progress_line(step, self.config.num_train_steps, values))
 
-    def save(self, state: TrainState, train_iter: BatchIterator) -> None:
+    def save(self, state: TrainState, train_iter: ResumableIterator) -> None:
         self.flush_pending()  # never save parameters that a non-finite loss has broken
         if self.checkpoints.save(state, train_iter.get_state()):
             self.last_good_step = int(jax.device_get(state.step))
@@ -449,3 +325,27 @@ class _Loop:
         self.writer.texts(step, {"sample": text})
         self.writer.console(f"sample at step {step}: {text!r}")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+class StopSignal:
+    """SIGTERM (preemption notice on most clusters) -> a flag that the training loop checks after every step, so
+    it can save and exit cleanly. Multi-host jobs use orbax's preemption sync point instead (all hosts must agree
+    on the step at which they stop), see `TrainingCheckpoints.reached_preemption`."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        logging.warning("received signal %d: saving a checkpoint and stopping after this step", signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

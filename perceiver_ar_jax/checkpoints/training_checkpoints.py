@@ -9,7 +9,7 @@ Each step directory holds four items:
 Saves are asynchronous (training continues while arrays are written) and atomic: orbax writes to a temporary
 directory and renames it when every process has finished, so a job killed mid-save leaves no half checkpoint
 under a step's name. A checkpoint that is present but unreadable is reported, moved aside and the one before it used.
-(`perceiver_ar_jax/checkpoint.py` is the other format: a finished model directory for sampling and conversion.)
+(`model_directory.py` is the other format: a finished model for sampling and conversion.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 from typing import Any
 
 import jax
@@ -216,28 +215,3 @@ def load_params(workdir: str | os.PathLike, abstract_params) -> tuple[int, Any]:
     if found is None:
         raise UnreadableCheckpointError(f"no readable training checkpoint in {checkpoints.directory}")
     return found
-
-
-# ----------------------------------------------------------------------------------------------------------------
-class StopSignal:
-    """SIGTERM (preemption notice on most clusters) -> a flag that the training loop checks after every step, so
-    it can save and exit cleanly. Multi-host jobs use orbax's preemption sync point instead (all hosts must agree
-    on the step at which they stop), see `TrainingCheckpoints.reached_preemption`."""
-
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self.received: int | None = None
-        self._previous = {}
-        for sig in signals:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        logging.warning("received signal %d: saving a checkpoint and stopping after this step", signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}

@@ -1,6 +1,6 @@
 """Memory-efficient attention in plain XLA: an online softmax over blocks of keys (flash attention).
 
-Same maths and contract as `attention.dense_attention`, but the (queries x keys) score matrix is never
+Same maths and contract as `dense.dense_attention`, but the (queries x keys) score matrix is never
 materialised: keys are visited `block_size` at a time, keeping per query a running maximum `m`, a running sum of
 exponentials `l` and an unnormalised output. The backward pass (a `jax.custom_vjp`) stores only q, k, v, the
 output and (m, l) per query, and recomputes the scores block by block (Dao et al. 2022, algorithm 2), so the
@@ -27,9 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
-# all-masked row stays finite). Defined here, the lowest module; attention.py re-exports it.
-MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+from perceiver_ar_jax.model.attention.dense import MASKED_SCORE
 
 
 def blockwise_attention(
@@ -153,7 +151,7 @@ def _loop_blocks(step, carry, size, num_full, tail):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The block loops, shared with prefix_attention.py (which makes each key block on the fly from the prefix).
+# The block loops, shared with prefix.py (which makes each key block on the fly from the prefix).
 KeyBlockFn = Callable[[Any, int], tuple[jnp.ndarray, jnp.ndarray]]
 
 

@@ -1,23 +1,24 @@
-"""The fields of a training config and their defaults; configs/*.py start from `base_config()` and override.
+"""The fields of a training config, their defaults and their one validation (`check_config`).
 
-Every field is read by perceiver_ar_jax.train_lib. `batch_size` is the GLOBAL batch (sequences per optimizer step,
-summed over all processes, devices and gradient-accumulation microbatches). Step counts are optimizer updates;
-an "every" field of 0 means never.
+configs/*.py start from `base_config()` and override. Every field is read by the training loop. `batch_size` is
+the GLOBAL batch (sequences per optimizer step, summed over all processes, devices and gradient-accumulation
+microbatches). Step counts are optimizer updates; an "every" field of 0 means never.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import ml_collections
 
-from perceiver_ar_jax.config import CausalLanguageModelConfig
-from perceiver_ar_jax.partitioning import DEFAULT_LOGICAL_AXIS_RULES
+from perceiver_ar_jax.data.config import check_data_config, data_config_defaults
+from perceiver_ar_jax.errors import ConfigError, check
+from perceiver_ar_jax.model import CausalLanguageModelConfig
+from perceiver_ar_jax.training.partitioning import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 
 def base_config() -> ml_collections.ConfigDict:
-    from perceiver_ar_jax.data import data_config_defaults
-
     config = ml_collections.ConfigDict()
 
     # --- model: the fields of CausalLanguageModelConfig (perceiver-io names + JAX execution fields) ---
@@ -113,3 +114,81 @@ def base_config() -> ml_collections.ConfigDict:
     # collectives between CPU devices of different processes ("gloo"; "" = JAX's default)
     config.distributed.cpu_collectives = "gloo"
     return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def model_config_from(config: ml_collections.ConfigDict) -> CausalLanguageModelConfig:
+    """The `model` section as the model's config; an out-of-range value names its flag (config.model.X)."""
+    try:
+        return CausalLanguageModelConfig.from_dict(config.model.to_dict(), strict=True)
+    except ConfigError as e:
+        raise e.within("model") from None
+
+
+def check_config(config: ml_collections.ConfigDict, num_batch_shards: int | None = None,
+                 process_count: int = 1) -> CausalLanguageModelConfig:
+    """Validate every section of a training config; return the model config. Raises ConfigError (a ValueError)
+    naming the first field that is out of range, as the flag that sets it (`config.model.num_heads=...`).
+
+    num_batch_shards: devices the batch is split over (data x fsdp of the mesh), once the mesh is known.
+    """
+    model_config = model_config_from(config)
+    check_data_config(config.data)
+    check_optimizer_config(config)
+
+    def need(ok: bool, field: str, allowed: str) -> None:
+        check(ok, field, _get(config, field), allowed)
+
+    for field in ("num_train_steps", "grad_accum_steps", "num_eval_batches", "batch_size", "eval_batch_size",
+                  "keep_checkpoints"):
+        need(_is_int(_get(config, field)) and _get(config, field) >= 1, field, "an integer >= 1")
+    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "sample_every_steps"):
+        need(_is_int(_get(config, field)) and _get(config, field) >= 0, field, "an integer >= 0 (0 = never)")
+    need(config.z_loss_weight >= 0, "z_loss_weight", ">= 0 (0 = off)")
+    need(config.peak_flops_per_device >= 0, "peak_flops_per_device", ">= 0 (0 = look the device kind up)")
+    need(config.data.max_seq_len == model_config.max_seq_len, "data.max_seq_len",
+         f"equal to model.max_seq_len ({model_config.max_seq_len})")
+    min_seq_len = config.data.max_seq_len if config.data.min_seq_len is None else config.data.min_seq_len
+    need(model_config.max_latents <= min_seq_len, "data.min_seq_len",
+         f"in [model.max_latents ({model_config.max_latents}), data.max_seq_len ({config.data.max_seq_len})] "
+         "or None (= data.max_seq_len)")
+    for field in ("mesh.ici_parallelism", "mesh.dcn_parallelism"):
+        sizes = _get(config, field)
+        need(isinstance(sizes, (tuple, list)) and len(sizes) == len(MESH_AXES)
+             and all(_is_int(s) and (s >= 1 or s == -1) for s in sizes) and list(sizes).count(-1) <= 1, field,
+             f"{len(MESH_AXES)} sizes for {MESH_AXES}, each >= 1 or one -1 (= the devices left)")
+    need(config.distributed.initialize in ("auto", "yes", "no"), "distributed.initialize", "'auto', 'yes' or 'no'")
+    if num_batch_shards is not None:
+        for field, microbatches in (("batch_size", config.grad_accum_steps), ("eval_batch_size", 1)):
+            size = config[field]
+            accum = f" x grad_accum_steps ({microbatches})" if microbatches > 1 else ""
+            need(size % (process_count * microbatches * num_batch_shards) == 0, field,
+                 f"a multiple of processes ({process_count}){accum} x the data-parallel devices "
+                 f"(data x fsdp = {num_batch_shards})")
+    return model_config
+
+
+def check_optimizer_config(config: ml_collections.ConfigDict) -> None:
+    """The optimisation fields (learning rate, schedule, AdamW, clipping)."""
+
+    def need(ok: bool, field: str, allowed: str) -> None:
+        check(ok, field, config[field], allowed)
+
+    need(config.learning_rate > 0, "learning_rate", "> 0")
+    need(_is_int(config.warmup_steps) and config.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+    need(0.0 <= config.lr_min_fraction <= 1.0, "lr_min_fraction", "in [0, 1]")
+    need(config.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)")
+    need(config.weight_decay >= 0, "weight_decay", ">= 0")
+    for field in ("adam_b1", "adam_b2"):
+        need(0.0 <= config[field] < 1.0, field, "in [0, 1)")
+    need(config.adam_eps > 0, "adam_eps", "> 0")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for name in dotted.split("."):
+        config = config[name]
+    return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -13,7 +13,7 @@ Two things splash does not do the way the dense path does, and how they are hand
 - Lengths must be multiples of the block sizes (128 lanes at least): queries and keys are padded at the end. Padded
   keys lie beyond every real query's causal horizon, so they are never seen; padded query rows are dropped.
 
-Splash has no dropout on the probabilities; `attention.py` uses the blockwise XLA path when that dropout is active.
+Splash has no dropout on the probabilities; `dispatch.py` picks the blockwise XLA path when that dropout is active.
 On a backend other than TPU the kernel runs in Pallas interpret mode (`interpret=True`), which is how the tests
 check it on CPU; that is exact but slow, for tests only.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from perceiver_ar_jax.blockwise_attention import MASKED_SCORE
+from perceiver_ar_jax.model.attention.dense import MASKED_SCORE
 
 LANES = 128  # TPU vector lane count: splash block sizes must be multiples of it
 

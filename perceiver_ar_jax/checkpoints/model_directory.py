@@ -1,7 +1,9 @@
 """Our model directory: `config.json` (the model config) + `params/` (an orbax checkpoint) + tokenizer files.
 
-Written by the converter and read by sampling and fine-tuning. A directory is written under a temporary name and
-renamed into place when complete, so an interrupted save never leaves a half-written model where a good one was.
+Written by the converter and read by sampling, evaluation and fine-tuning; `load_model` also reads a training
+workdir (train.py's --workdir: config.json, tokenizer files and `checkpoints/`, see training_checkpoints.py). A
+directory is written under a temporary name and renamed into place when complete, so an interrupted save never
+leaves a half-written model where a good one was.
 """
 
 from __future__ import annotations
@@ -14,29 +16,20 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from perceiver_ar_jax.config import CausalLanguageModelConfig
-from perceiver_ar_jax.torch_checkpoint import TOKENIZER_FILES, CheckpointError
+from perceiver_ar_jax.checkpoints import training_checkpoints
+from perceiver_ar_jax.errors import CheckpointError
+from perceiver_ar_jax.model import CausalLanguageModelConfig, abstract_params
 
 MODEL_TYPE = "perceiver-ar-jax"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-
-
-def abstract_params(config: CausalLanguageModelConfig) -> Any:
-    """The parameter tree of `config` as jax.ShapeDtypeStruct leaves (nothing allocated)."""
-    from perceiver_ar_jax.model import CausalLanguageModel
-
-    model = CausalLanguageModel(config)
-    ids = jnp.zeros((1, config.max_latents), jnp.int32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, prefix_len=0))
-    return nn.unbox(variables["params"])
+# the files of a SentencePiece tokenizer as Hugging Face saves it (perceiver-io's model directories hold them)
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def config_json(config: CausalLanguageModelConfig) -> str:
@@ -133,11 +126,9 @@ def load_model(directory: str | os.PathLike, sharding: jax.sharding.Sharding | A
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, sharding)
     params_dir = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
-    from perceiver_ar_jax import checkpointing  # a training workdir: the newest readable training checkpoint
-
-    if not os.path.isdir(params_dir) and checkpointing.is_training_workdir(directory):
-        try:
-            return config, checkpointing.load_params(directory, target)[1]
+    if not os.path.isdir(params_dir) and training_checkpoints.is_training_workdir(directory):
+        try:  # a training workdir: the newest readable training checkpoint
+            return config, training_checkpoints.load_params(directory, target)[1]
         except Exception as e:  # noqa: BLE001 - as below
             raise CheckpointError(f"cannot restore parameters from the training workdir {directory}: "
                                   f"{type(e).__name__}: {e}") from None
@@ -169,7 +160,3 @@ def replace_directory(src: str, dst: str) -> None:
     os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def tree_nbytes(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -3,6 +3,10 @@
 Queries and keys are right-aligned: the last query is the last key's token, so query i (of Nq) sees keys
 0 .. i + (Nk - Nq). In the hybrid cross-attention the keys are [prefix, latents] and the queries the latents, so
 every latent sees the whole prefix and the latents up to itself. Pad tokens (left padding) are masked as keys only.
+
+Decoding keeps keys in ring buffers (`sampling/cache.py`): there a key's place says nothing of its token's order,
+so its masks compare token indices (`ring_causal_mask`) and say which slots hold keys of the window
+(`visible_keys`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,35 @@ def cross_attention_mask(num_latents: int, num_keys: int, pad_mask: jnp.ndarray 
     if pad_mask is not None:
         mask = mask & key_pad_mask(pad_mask)
     return mask
+
+
+def visible_keys(visible: jnp.ndarray) -> jnp.ndarray:
+    """(keys,) or (batch, keys) bool, True = a key every query may see -> (1 or batch, 1, 1, keys)."""
+    return visible.reshape((-1, 1, 1, visible.shape[-1]))
+
+
+def ring_causal_mask(query_index: jnp.ndarray, slot_index: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+    """A ring cache's causal mask: a query sees the visible slots that hold its own token or an earlier one.
+
+    query_index (queries,) and slot_index (slots,) int: token indices of the queries and of what each slot
+    holds; visible (slots,) or (batch, slots) bool. Returns (batch or 1, 1, queries, slots).
+    """
+    causal = slot_index[None, :] <= query_index[:, None]
+    return visible_keys(visible) & causal[None, None]
+
+
+def uniform_where_no_key(q: jnp.ndarray, mask: jnp.ndarray, fallback: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """perceiver-io's rule for a query that sees no key (a pad latent): it averages uniformly over ALL keys.
+
+    A fully masked row of scores becomes uniform in dense attention too, but over every key it is given; in a
+    cache those include bucket pads and stale slots. Here such a row gets a zero query (all scores 0) and sees
+    the `fallback` keys (those of the window), which is the same uniform average over the same keys as
+    perceiver-io's. q (batch, queries, heads, head_dim); mask (batch, 1, queries, keys); fallback broadcastable to
+    the mask. Returns (q, mask).
+    """
+    sees_a_key = jnp.any(mask, axis=-1, keepdims=True)  # (batch, 1, queries, 1)
+    q = jnp.where(jnp.swapaxes(sees_a_key, 1, 2), q, jnp.zeros_like(q))
+    return q, jnp.where(sees_a_key, mask, fallback)
 
 
 def prefix_keep_indices(rng: jax.Array, batch_size: int, prefix_len: int, rate: float) -> jnp.ndarray:

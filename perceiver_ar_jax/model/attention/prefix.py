@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from perceiver_ar_jax import matmul
-from perceiver_ar_jax.blockwise_attention import (
+from perceiver_ar_jax import backend
+from perceiver_ar_jax.model.attention.blockwise import (
     blockwise_attention_with_lse,
     check_attention_args,
     key_slice,
@@ -40,7 +40,7 @@ from perceiver_ar_jax.blockwise_attention import (
     online_softmax_backward,
     online_softmax_forward,
 )
-from perceiver_ar_jax.position import apply_rotary
+from perceiver_ar_jax.model.positions import apply_rotary
 
 # project(params, x_block (batch, block, channels)) -> keys, values (batch, block, heads, head_dim), keys not rotated
 ProjectFn = Callable[[Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -73,8 +73,8 @@ def make_projection(norm: nn.Module | None, dtype: Any) -> ProjectFn:
             x = norm.apply({"params": params["norm"]}, x)
         x = x.astype(dtype)
         dims = (((x.ndim - 1,), (0,)), ((), ()))  # (batch, keys, channels) x (channels, heads, head_dim)
-        return (matmul.dot_general(x, params["k_kernel"].astype(dtype), dims),
-                matmul.dot_general(x, params["v_kernel"].astype(dtype), dims))
+        return (backend.dot_general(x, params["k_kernel"].astype(dtype), dims),
+                backend.dot_general(x, params["v_kernel"].astype(dtype), dims))
 
     return project
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from perceiver_ar_jax.config import CausalLanguageModelConfig
+from perceiver_ar_jax.model import CausalLanguageModelConfig
 
 # Dense bf16 peak FLOP/s per device (one JAX device: a TPU chip, or a GPU), from the vendors' data sheets.
 PEAK_FLOPS = {

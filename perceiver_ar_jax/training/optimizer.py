@@ -61,12 +61,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
     Optimizer moments are kept in the parameters' dtype (float32 master weights).
     """
-    if config.learning_rate <= 0:
-        raise ValueError(f"learning_rate={config.learning_rate} is out of range: must be > 0")
-    if config.max_grad_norm < 0:
-        raise ValueError(f"max_grad_norm={config.max_grad_norm} is out of range: must be >= 0 (0 = no clipping)")
-    if config.weight_decay < 0:
-        raise ValueError(f"weight_decay={config.weight_decay} is out of range: must be >= 0")
+    from perceiver_ar_jax.training.config import check_optimizer_config  # the config's one validation
+
+    check_optimizer_config(config)
     adamw = optax.adamw(
         learning_rate=make_schedule(config),
         b1=config.adam_b1,

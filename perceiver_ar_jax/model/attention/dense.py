@@ -1,0 +1,95 @@
+"""Dense softmax attention: the (queries x keys) scores materialised, as perceiver-io computes them.
+
+Masked scores are set to the most negative finite float32 (`MASKED_SCORE`, not -inf), so a query whose keys are all
+masked attends uniformly to every key instead of giving NaN, as in perceiver-io. Scores and softmax are float32
+whatever the compute dtype.
+
+`cached_attention` is the same maths for decoding: a few new queries attend to keys/values held in a cache (in
+the layouts their products read without a transpose) plus their own keys/values, without concatenating them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from perceiver_ar_jax.model.masks import causal_mask
+
+# What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
+# all-masked row stays finite).
+MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+
+
+def dense_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    mask: jnp.ndarray | None,
+    dropout: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
+    max_heads_parallel: int | None = None,
+) -> jnp.ndarray:
+    """Softmax attention that materialises the (queries x keys) scores, `max_heads_parallel` heads at a time.
+
+    q: (batch, queries, heads, head_dim), already scaled and rotated; k, v: (batch, keys, heads, head_dim);
+    mask: bool, broadcastable to (batch, heads, queries, keys), True = may attend; dropout: applied to the
+    probabilities. Returns (batch, queries, heads, head_dim) in v's dtype.
+    """
+    num_heads = q.shape[2]
+    chunk = num_heads if max_heads_parallel is None else min(max_heads_parallel, num_heads)
+    outputs = []
+    for start in range(0, num_heads, chunk):
+        heads = slice(start, start + chunk)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, heads], k[:, :, heads], preferred_element_type=jnp.float32)
+        if mask is not None:
+            head_mask = mask if mask.shape[1] == 1 else mask[:, heads]
+            scores = jnp.where(head_mask, scores, MASKED_SCORE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if dropout is not None:
+            probs = dropout(probs)
+        outputs.append(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v[:, :, heads]))
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+
+
+def cached_attention(
+    q: jnp.ndarray,
+    cached_keys: jnp.ndarray,
+    cached_values: jnp.ndarray,
+    cache_mask: jnp.ndarray,
+    own_keys: jnp.ndarray | None = None,
+    own_values: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """`dense_attention` of new queries over cached keys/values and (optionally) their own keys/values.
+
+    q: (batch, queries, heads, head_dim), scaled and rotated; cached_keys (batch, heads, head_dim, slots) and
+    cached_values (batch, heads, slots, head_dim); cache_mask bool broadcastable to (batch, 1, queries, slots);
+    own_keys, own_values (batch, queries, heads, head_dim) or None: the queries' own tokens, after every cached
+    one, seen causally (a query sees its own key and those of the queries before it). Returns (batch, queries,
+    heads, head_dim) in the cached values' dtype; the same as dense attention over the concatenated keys.
+    """
+    if q.shape[1] == 1:  # one new token (a decoding step): products of vectors, no query axis
+        scores = jnp.einsum("bhd,bhds->bhs", q[:, 0], cached_keys, preferred_element_type=jnp.float32)
+        scores = jnp.where(cache_mask[:, 0], scores, MASKED_SCORE)
+        if own_keys is not None:
+            own = jnp.einsum("bhd,bhd->bh", q[:, 0], own_keys[:, 0], preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([scores, own[..., None]], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cached_values.dtype)
+        slots = cached_values.shape[2]
+        o = jnp.einsum("bhs,bhsd->bhd", probs[..., :slots], cached_values)
+        if own_keys is not None:
+            o = o + probs[..., slots:] * own_values[:, 0].astype(o.dtype)
+        return o[:, None]
+
+    scores = jnp.einsum("bqhd,bhds->bhqs", q, cached_keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(cache_mask, scores, MASKED_SCORE)
+    num_queries, slots = q.shape[1], cached_values.shape[2]
+    if own_keys is not None:
+        own = jnp.einsum("bqhd,bkhd->bhqk", q, own_keys, preferred_element_type=jnp.float32)
+        own = jnp.where(causal_mask(num_queries, num_queries), own, MASKED_SCORE)
+        scores = jnp.concatenate([scores, own], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cached_values.dtype)
+    o = jnp.einsum("bhqs,bhsd->bqhd", probs[..., :slots], cached_values)
+    if own_keys is not None:
+        o = o + jnp.einsum("bhqk,bkhd->bqhd", probs[..., slots:], own_values.astype(o.dtype))
+    return o
