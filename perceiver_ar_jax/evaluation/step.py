@@ -47,6 +47,18 @@ def window_losses(params: Any, batch: dict[str, jnp.ndarray], *, model: CausalLa
     return token_losses(logits, batch["labels"])[0]
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_step(config, prefix_len: int, mesh: Mesh):
+    """(the jitted `window_losses` of this model and prefix on `mesh`, the parameters' shardings): one jitted
+    function per setting, so that evaluating again (a harness's many calls) reuses its compiled program."""
+    model = CausalLanguageModel(config)
+    shardings = param_shardings(model, mesh)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    step = jax.jit(functools.partial(window_losses, model=model, prefix_len=prefix_len),
+                   in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
+    return step, shardings
+
+
 class WindowScorer:
     """Scores batches of `batch_size` windows (the global batch: all processes' rows) with one compiled program.
 
@@ -63,11 +75,8 @@ class WindowScorer:
                              f"{jax.process_count()} processes")
         self.spec, self.batch_size = spec, batch_size
         self.local_batch_size = batch_size // jax.process_count()
-        shardings = param_shardings(model, self.mesh)
+        self._step, shardings = compiled_step(model.config, spec.prefix_len, self.mesh)
         self.params = jax.device_put(params, shardings)
-        batch_sharding = partitioning.batch_sharding(self.mesh)
-        self._step = jax.jit(functools.partial(window_losses, model=model, prefix_len=spec.prefix_len),
-                             in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
 
     def dispatch(self, rows: Rows) -> jax.Array:
         """Start scoring this process's `local_batch_size` rows (asynchronously); `fetch` waits for the result."""
