@@ -64,6 +64,28 @@ def test_a_text_file_is_scored_as_the_api_scores_it(model_dir, tmp_path, capsys)
     assert f"tokens {api.num_tokens:,}" in out and "| context (tokens) | tokens |" in out and "| 9-16 |" in out
 
 
+def test_a_tfds_split_is_scored_in_file_order(model_dir, tmp_path, capsys):
+    """The first documents of tiny C4's validation split (the TFDS path of the training pipeline), as the API
+    scores the same texts."""
+    import tensorflow as tf
+
+    files = sorted((REPO / "tests" / "assets" / "tiny_c4" / "c4" / "en" / "3.1.0").glob("c4-validation.tfrecord-*"))
+    texts = []
+    for record in tf.data.TFRecordDataset([str(f) for f in files]).take(3):
+        example = tf.train.Example.FromString(record.numpy())
+        texts.append(example.features.feature["text"].bytes_list.value[0].decode("utf-8"))
+    status, out, err = run_cli(capsys, "--checkpoint", model_dir, "--tfds", "c4/en:3.1.0", "--data_dir",
+                               REPO / "tests" / "assets" / "tiny_c4", "--max_documents", "3", "--output",
+                               tmp_path / "c4.json")
+    assert status == 0, err
+    saved = json.loads((tmp_path / "c4.json").read_text())
+    config, params = load_model(model_dir)
+    api = evaluate(CausalLanguageModel(config), params, texts, tokenizer=Tokenizer.from_pretrained(model_dir))
+    assert (saved["documents"], saved["split"], saved["tokens"]) == (3, "validation[:3]", api.num_tokens)
+    assert saved["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    assert saved["loss"] == pytest.approx(api.metrics()["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing file", "is neither a file nor a directory"),
     ("empty text", "no text to score"),

@@ -208,3 +208,15 @@ def test_streamed_documents_give_the_same_result_and_report_progress():
     assert streamed.loss_sum == pytest.approx(listed.loss_sum, rel=1e-6)
     assert seen[-1].tokens == 49 and seen[-1].documents == 3 and seen[-1].total_documents == 3
     assert [p.tokens for p in seen] == sorted(p.tokens for p in seen)
+
+
+def test_progress_line_goes_by_tokens_when_their_total_is_known():
+    from perceiver_ar_jax.evaluation import Progress
+    from perceiver_ar_jax.evaluation.report import progress_line
+
+    line = progress_line(Progress(tokens=2500, total_tokens=10000, documents=1, total_documents=4, seconds=5.0),
+                         width=8)
+    assert line == "[##......]  25% | 2,500/10,000 tokens | 1 of 4 documents | 500 tok/s | ETA 0:15"
+    line = progress_line(Progress(tokens=2500, total_tokens=None, documents=1, total_documents=4, seconds=5.0),
+                         width=8)
+    assert line.startswith("[##......]  25% | 2,500 tokens | 1 of 4 documents") and line.endswith("ETA 0:15")

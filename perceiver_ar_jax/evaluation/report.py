@@ -45,9 +45,10 @@ class ProgressBar:
     """Redraws the progress line in place on a terminal (at most 10 times a second); elsewhere (a log file)
     writes a line every `every_s` seconds."""
 
-    def __init__(self, stream: TextIO = sys.stderr, every_s: float = 30.0):
-        self.stream, self.every_s = stream, every_s
-        self.tty = stream.isatty()
+    def __init__(self, stream: TextIO | None = None, every_s: float = 30.0):
+        self.stream = sys.stderr if stream is None else stream  # looked up now: sys.stderr may have been replaced
+        self.every_s = every_s
+        self.tty = self.stream.isatty()
         self.last = -math.inf
 
     def __call__(self, p: Progress) -> None:
