@@ -15,7 +15,7 @@ from perceiver_ar_jax.checkpoints import load_model, save_model
 from perceiver_ar_jax.convert import export_torch_checkpoint, load_torch_checkpoint, main
 from perceiver_ar_jax.convert.safetensors_io import SafetensorsReader, write_safetensors
 from perceiver_ar_jax.errors import CheckpointError
-from tests.conftest import REFERENCE_PYTHON, REPO
+from tests.conftest import REFERENCE_PYTHON, REPO, require
 
 PREFIX = "backend_model."
 
@@ -252,8 +252,7 @@ def test_corrupted_model_directory(tmp_path, fixture_model):
 # ------------------------------------------------------------------------------------- perceiver-io itself
 @pytest.mark.reference
 def test_perceiver_io_loads_our_export_and_gives_the_same_logits(tmp_path, public_fixture, fixture_model):
-    if not REFERENCE_PYTHON.exists():
-        pytest.skip(f"no perceiver-io reference venv at {REFERENCE_PYTHON} (../shared/reference/setup-reference.sh)")
+    require(REFERENCE_PYTHON)
     config, params = fixture_model
     export_torch_checkpoint(config, params, tmp_path / "hf")
     golden = np.load(public_fixture / "forward_cases.npz")
