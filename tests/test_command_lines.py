@@ -40,6 +40,14 @@ def trained(tmp_path_factory, local_text):
     return cmd, workdir, run(cmd)
 
 
+def with_ctrl_c(cmd):
+    """`python script args` with SIGINT handled as in a terminal: a background job (pytest started with &) hands
+    "ignore SIGINT" on to its children, and train.py leaves an ignored SIGINT ignored."""
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [cmd[0], "-c", launcher, *cmd[1:]]
+
+
 def with_workdir(cmd, workdir, *extra):
     return [a if not a.startswith("--workdir=") else f"--workdir={workdir}" for a in cmd] + list(extra)
 
@@ -66,10 +74,8 @@ def test_a_stopped_run_resumes_saves_and_exits_with_the_signal_status(trained, t
     shutil.copytree(workdir, tmp_path / "run")
     more = with_workdir(cmd, tmp_path / "run", "--config.num_train_steps=500", "--config.log_every_steps=1",
                         "--verbosity=0")  # --verbosity=0: every library's INFO records on the console too
-    # SIGINT as in a terminal (a background job, e.g. pytest started with &, would hand on "ignore SIGINT")
-    child = subprocess.Popen(more, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child = subprocess.Popen(with_ctrl_c(more), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in child.stdout:
         if line.startswith("step 6/"):
             child.send_signal(signum)

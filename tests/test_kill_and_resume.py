@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from perceiver_ar_jax import training
-from perceiver_ar_jax.checkpoints import TrainingCheckpoints
+from perceiver_ar_jax.checkpoints import TrainingCheckpoints, saved_steps
 from perceiver_ar_jax.model import CausalLanguageModel
 from perceiver_ar_jax.training import optimizer as optim
 from perceiver_ar_jax.training import partitioning
@@ -49,16 +49,17 @@ def final_checkpoint(workdir, config):
     return jax.device_get(state), data
 
 
-def run_until_killed(command, rng) -> tuple[int, str]:
-    """Start train.py, SIGKILL it a random moment after a random number of its step lines (or never, if it ends
-    first); (exit status, its output)."""
+def run_until_killed(command, workdir, rng) -> tuple[int, str]:
+    """Start train.py and SIGKILL it at a random moment (0-0.5 s, mid-step or mid-save) after it has finished a
+    checkpoint of its own, so that every killed run leaves progress to resume from; (exit status, its output)."""
+    saved_before = max(saved_steps(workdir), default=0)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines, steps_before_kill, delay = [], rng.randint(1, 4), rng.uniform(0.0, 0.3)
+    lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step ") and (steps_before_kill := steps_before_kill - 1) == 0:
-            time.sleep(delay)
+        if line.startswith("step ") and max(saved_steps(workdir), default=0) > saved_before:
+            time.sleep(rng.uniform(0.0, 0.5))
             proc.send_signal(signal.SIGKILL)
             break
     output = "".join(lines) + proc.communicate(timeout=300)[0]
@@ -76,7 +77,7 @@ def test_sigkilled_train_py_resumes_to_the_bits_of_an_uninterrupted_run(tmp_path
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
     rng, outputs = random.Random(seed), []
     for _ in range(KILLS):
-        status, output = run_until_killed(command, rng)
+        status, output = run_until_killed(command, tmp_path / "killed", rng)
         outputs.append(output)
         assert status in (-signal.SIGKILL, 0), f"seed {seed}: train.py exited with {status}:\n{output[-3000:]}"
     final = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
