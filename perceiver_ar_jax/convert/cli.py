@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traceback", action="store_true", help="show the traceback of a bad-input error too")
     args = parser.parse_args(argv)
     configure_logging(args.verbosity)
-    return run_command(lambda: convert(args), show_traceback=args.traceback)
+    return run_command(lambda: run_conversion(args), show_traceback=args.traceback)
 
 
-def convert(args: argparse.Namespace) -> None:
+def run_conversion(args: argparse.Namespace) -> None:
     if args.to_pytorch:
         config, params = load_model(args.src)
         export_torch_checkpoint(config, params, args.dst, tokenizer_dir=args.src,
