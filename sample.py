@@ -7,14 +7,19 @@
 DIR: a converted model directory (`python -m perceiver_ar_jax.convert`) or a training run's --workdir (its newest
 checkpoint), with the tokenizer files next to it. Sampling is the default (temperature, then top-k, then top-p);
 --greedy takes the most likely token. Sample i uses seed S + i. Compiled programs are cached on disk
-($JAX_COMPILATION_CACHE_DIR, else ~/.cache/perceiver_ar_jax/jax), so the next run starts fast.
+($JAX_COMPILATION_CACHE_DIR, else ~/.cache/perceiver_ar_jax/jax), so the next run starts fast. The prompt is echoed
+as given (newlines kept), then the continuation. Exit status: 0 done, 2 bad input (one `error:` line), 130 Ctrl-C,
+1 anything else (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+
+from perceiver_ar_jax.errors.console import configure_logging, run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="exact: as a full forward pass every step; perceiver-io: its cached generate")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype")
     ap.add_argument("--ignore_eos", action="store_true", help="keep generating after the end-of-text token")
+    ap.add_argument("--verbosity", type=int, default=None,
+                    help="show every library's log records at this level (-1 warning, 0 info, 1 debug)")
+    ap.add_argument("--traceback", action="store_true", help="show the traceback of a bad-input error too")
     return ap.parse_args(argv)
 
 
@@ -79,25 +87,41 @@ def generate_text(args: argparse.Namespace, prompt: str, config) -> None:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"{'-' * 30} sample {i + 1} {'-' * 30}", flush=True)
-        for piece in generator.stream(prompt, config=config, stop_at_eos=not args.ignore_eos, rng=args.seed + i):
-            print(piece, end="", flush=True)
+        pieces = generator.stream(prompt, config=config, stop_at_eos=not args.ignore_eos, rng=args.seed + i)
+        for text in echo_prompt_then_continuation(prompt, generator.tokenizer.decode(
+                generator.encode(prompt), skip_special_tokens=True), pieces):
+            print(text, end="", flush=True)
         print(flush=True)
+
+
+def echo_prompt_then_continuation(prompt: str, decoded_prompt: str, pieces):
+    """The prompt as given, then the stream's text past the decoded prompt.
+
+    The stream yields decode(prompt ids + new ids), whose prompt part is the tokenizer's normalised prompt (its
+    newlines and runs of spaces collapsed); cutting the decoded prompt off the decoded whole is what
+    Generator.__call__ and transformers' text-generation pipeline return."""
+    pieces = iter(pieces)
+    first = next(pieces, "")  # the stream checks the request before it yields: no echo of a refused prompt
+    yield prompt
+    seen = ""
+    for piece in itertools.chain([first], pieces):
+        start = max(len(decoded_prompt) - len(seen), 0)
+        seen += piece
+        if start < len(piece):
+            yield piece[start:]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        prompt = read_prompt(args)
-        config = generation_config(args)
-        check_args(args)
-        generate_text(args, prompt, config)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    configure_logging(args.verbosity)
+    return run_command(lambda: sample(args), show_traceback=args.traceback)
+
+
+def sample(args: argparse.Namespace) -> None:
+    prompt = read_prompt(args)
+    config = generation_config(args)
+    check_args(args)
+    generate_text(args, prompt, config)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Every measurement runs in its own subprocess, so its peak RSS (ru_maxrss, compil
 own. The reference at 64k needs about a minute per step and 12 GB (--reference-seq-lens picks where it runs).
 `--extra-seq-lens` are lengths measured for ours only (the 131,072-token goal: within 8 GB on this 2-core CPU).
 Timings on a shared machine are noisy: compare ratios measured in the same run, and use --rounds N to alternate
-ours and the reference N times per length, keeping each side's fastest round.
+ours and the reference N times per length, keeping each side's fastest round. Both sides run on the same cores
+(--cores, default all this process may use; the reference with one torch thread per core: bench/cores.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench_model import BENCH_MODEL  # bench/, this script's directory
+from cores import on_cores, pin_cores
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_BENCH = REPO.parent / "shared" / "reference" / "bench_torch.py"
@@ -100,20 +102,20 @@ def _stats(xs: list[float]) -> dict:
 def run_ours(seq_len: int, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--_child", str(seq_len), "--impl", args.impl,
                "--block-size", str(args.block_size), "--budget", str(args.budget)] + (["--remat"] if args.remat else [])
-    return _run(command, lambda out: json.loads(out.split("@@RESULT@@", 1)[1].splitlines()[0]))
+    return _run(command, lambda out: json.loads(out.split("@@RESULT@@", 1)[1].splitlines()[0]), args.cores)
 
 
 def run_reference(seq_len: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ref.json"
         command = [args.ref_python, str(args.ref_script), "--only", "train", "--seq-len", str(seq_len), "--json",
-                   str(out), "--threads", str(args.threads), "--budget", str(args.budget)]
-        return _run(command, lambda _: json.loads(out.read_text())["measurements"]["train"])
+                   str(out), "--threads", str(len(args.cores)), "--budget", str(args.budget)]
+        return _run(command, lambda _: json.loads(out.read_text())["measurements"]["train"], args.cores)
 
 
-def _run(command: list[str], parse) -> dict:
+def _run(command: list[str], parse, cores: list[int]) -> dict:
     t0 = time.time()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True, **on_cores(cores))
     if proc.returncode != 0:
         return dict(error=(proc.stdout + proc.stderr)[-2000:], returncode=proc.returncode)
     result = parse(proc.stdout)
@@ -157,7 +159,8 @@ def main():
     ap.add_argument("--impl", default="auto", choices=("auto", "xla", "blockwise", "splash"))
     ap.add_argument("--block-size", type=int, default=512, help="key block length of the blockwise attention")
     ap.add_argument("--remat", action="store_true", help="activation checkpointing (recompute layers in backward)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the reference")
+    ap.add_argument("--cores", default=None, help="CPU cores of both sides, e.g. 0,1 (default: all allowed); the "
+                    "reference runs one torch thread per core")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per measurement")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure ours and the reference alternately this many times per length, keep the fastest")
@@ -169,6 +172,8 @@ def main():
         print("@@RESULT@@" + json.dumps(result))
         return
 
+    args.cores = pin_cores(args.cores)
+    print(f"both sides on cores {args.cores} ({len(args.cores)} torch threads)", flush=True)
     lengths = [int(n) for n in args.seq_lens.split(",") if n]
     reference_lengths = {int(n) for n in args.reference_seq_lens.split(",") if n}
     extra = [int(n) for n in args.extra_seq_lens.split(",") if n]
@@ -193,7 +198,7 @@ def main():
     print(table(results))
     print(linearity(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(batch=BATCH, model=BENCH_MODEL, impl=args.impl,
+        Path(args.json).write_text(json.dumps(dict(batch=BATCH, model=BENCH_MODEL, impl=args.impl, cores=args.cores,
                                                    block_size=args.block_size, remat=args.remat,
                                                    loadavg=os.getloadavg(), results=results), indent=1))
 

@@ -1,7 +1,7 @@
 """Training-step throughput: our jitted train step against perceiver-io's, on the same machine in one run.
 
     python bench/train_step.py [--dtypes fp32,bf16] [--budget 60] [--ref-python /tmp/ref-venv/bin/python]
-                               [--skip-reference] [--json OUT.json]
+                               [--skip-reference] [--cores 0,1] [--json OUT.json]
 
 The "bench" config of ../shared/reference/bench_torch.py: vocab 32000, 512 channels, 8 heads, 6 self-attention
 layers, max_seq_len 1024, 256 latents, no absolute position embedding, output norm, no output bias, no dropout;
@@ -9,6 +9,8 @@ batch 4 x 1024 tokens (prefix 768), AdamW lr 3e-4. The reference step is `LitCau
 + `torch.optim.AdamW.step` (fp32, or under torch.autocast(bfloat16) for bf16); ours is `train_step.train_step`
 (cross-entropy on the latent positions, AdamW from optax, no clipping as in the reference) with dtype float32 or
 bfloat16 compute (float32 parameters and optimizer state). tokens/s count batch x latents (the positions trained).
+Both sides run on the same cores (--cores, default all this process may use): ours pinned, the reference started
+on them with one torch thread per core (bench/cores.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench_model import BENCH_MODEL, DTYPES  # bench/, this script's directory
+from cores import on_cores, pin_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -99,11 +102,12 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
                 jax=jax.__version__, devices=str(jax.devices()))
 
 
-def bench_reference(dtype: str, budget_s: float, ref_python: str, ref_script: str) -> dict:
+def bench_reference(dtype: str, budget_s: float, ref_python: str, ref_script: str, cores: list[int]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ref.json")
         proc = subprocess.run([ref_python, ref_script, "--only", "train", "--dtype", dtype, "--budget", str(budget_s),
-                               "--json", out], capture_output=True, text=True)
+                               "--json", out, "--threads", str(len(cores))], capture_output=True, text=True,
+                              **on_cores(cores))
         if proc.returncode != 0:
             raise SystemExit(f"reference benchmark failed ({ref_python} {ref_script}):\n{proc.stdout}{proc.stderr}")
         with open(out) as f:
@@ -123,8 +127,11 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true", help="time our step only")
     parser.add_argument("--remat-policy", default=None, help="rematerialise layers with this policy (default: off)")
     parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--cores", default=None, help="CPU cores of both sides, e.g. 0,1 (default: all allowed)")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args()
+    cores = pin_cores(args.cores)  # before JAX starts its thread pools
+    print(f"both sides on cores {cores} ({len(cores)} torch threads)", flush=True)
 
     results = []
     for dtype in args.dtypes.split(","):
@@ -137,7 +144,7 @@ def main() -> None:
         print(line, flush=True)
         entry = {"dtype": dtype, "ours": ours}
         if not args.skip_reference:
-            ref = bench_reference(dtype, args.budget, args.ref_python, args.ref_script)
+            ref = bench_reference(dtype, args.budget, args.ref_python, args.ref_script, cores)
             assert ref["num_params"] == ours["num_params"], (ref["num_params"], ours["num_params"])
             ratio = ours["tokens_per_s_latents"]["median"] / ref["tokens_per_s_latents"]["median"]
             ratio_best = ours["tokens_per_s_latents"]["max"] / ref["tokens_per_s_latents"]["max"]
@@ -149,7 +156,8 @@ def main() -> None:
         results.append(entry)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": BENCH_MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "results": results}, f, indent=1)
+            json.dump({"config": BENCH_MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "cores": cores,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

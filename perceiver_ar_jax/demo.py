@@ -5,20 +5,24 @@
 Needs no network and no data beyond the Python installation: the corpus is the English help texts of the standard
 library's `pydoc_data.topics` (what `help("for")` prints, 79 topics, ~460k characters). The demo
   1. writes the topics as text files to <workdir>/corpus,
-  2. trains a 1024-piece SentencePiece vocabulary on them (perceiver_ar_jax.tokenizer.train_tokenizer),
-  3. trains configs/tiny.py for --steps steps (about two minutes on a laptop CPU), printing the falling loss,
+  2. trains a 1024-piece SentencePiece vocabulary on them (perceiver_ar_jax.tokenizer.train_tokenizer) into the
+     workdir, where training keeps its tokenizer files anyway,
+  3. trains configs/tiny.py for --steps steps (about two minutes on 2 CPU cores), printing the falling loss,
   4. loads the parameters back from the checkpoint it wrote and samples continuations of a few prompts.
-Rerunning with the same --workdir resumes (or, when training finished, only samples again).
+Rerunning with the same --workdir resumes (or, when training finished, only samples again). Exit statuses as
+train.py's (README): 0 done, 2 bad input, 130 Ctrl-C / 143 SIGTERM (both after saving: rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
+import sys
 import time
 from pathlib import Path
+
+from perceiver_ar_jax.errors.console import configure_logging, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.py"
@@ -28,7 +32,7 @@ PROMPTS = ("The return statement", "A for loop", "If the exception")
 def load_config_file(path: Path):
     """configs/X.py -> its get_config() (what ml_collections' config_flags does for --config)."""
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run the demo from a source checkout (pip install -e .)")
+        raise FileNotFoundError(f"{path} not found: run the demo from a source checkout (pip install -e .)")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -48,13 +52,19 @@ def write_corpus(directory: Path) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdir-demo", help="where corpus, tokenizer and checkpoints go")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/tiny.py's)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens sampled per prompt")
+    parser.add_argument("--verbosity", type=int, default=None,
+                        help="show every library's log records at this level (-1 warning, 0 info, 1 debug)")
     args = parser.parse_args(argv)
+    configure_logging(args.verbosity)
+    return run_command(lambda: run_demo(args))
 
+
+def run_demo(args: argparse.Namespace) -> int:
     # imported here so that --help is instant
     import jax
     import numpy as np
@@ -71,16 +81,24 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     corpus = write_corpus(workdir / "corpus")
-    tokenizer_dir = workdir / "tokenizer"
-    if not (tokenizer_dir / "spiece.model").is_file():
+    # the tokenizer goes where training keeps its tokenizer files, so the workdir holds them once
+    if not (workdir / "spiece.model").is_file():
         print(f"training a {config.model.vocab_size}-piece SentencePiece vocabulary on {len(corpus)} help topics")
-        train_tokenizer(corpus, tokenizer_dir, vocab_size=config.model.vocab_size, seed=0)
-    config.tokenizer_dir = str(tokenizer_dir)
+        train_tokenizer(corpus, workdir, vocab_size=config.model.vocab_size, seed=0)
+    config.tokenizer_dir = str(workdir)
     config.data.text_paths = (str(workdir / "corpus"),)
 
-    print(f"training configs/tiny.py for {config.num_train_steps} steps in {workdir} "
-          f"({jax.device_count()} {jax.devices()[0].platform} device(s))")
+    done, total = max(checkpoints.saved_steps(workdir), default=0), config.num_train_steps
+    devices = f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+    if done >= total:
+        print(f"training finished earlier ({done} steps in {workdir}): sampling only")
+    elif done:
+        print(f"resuming configs/tiny.py at step {done} of {total} in {workdir} ({devices})")
+    else:
+        print(f"training configs/tiny.py for {total} steps in {workdir} ({devices})")
     result = training.train_and_evaluate(config, str(workdir))
+    if result.stopped_early:
+        return 128 + result.stopped_by  # stopped by a signal after saving: rerunning resumes
     if result.history:
         first, last = result.history[: config.log_every_steps], result.history[-config.log_every_steps:]
         print(f"training loss fell from {np.mean([h['loss'] for h in first]):.3f} (first {len(first)} steps) to "
@@ -101,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         # decode prompt and continuation together: a piece's leading space is dropped at the start of a decode
         text = tokenizer.decode(np.asarray(out)[0, 1:].tolist(), skip_special_tokens=True)
         print(f"\n>>> {text}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s; rerun with the same --workdir to resume or sample again")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; rerun with the same --workdir to sample again")
+    return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (TensorBoard writer) start-up chatter
-    main()
+    sys.exit(main())

@@ -3,7 +3,8 @@
     python tests/distributed_worker.py meshes OUT_JSON WORKDIR           (with 8 host-platform devices)
     python tests/distributed_worker.py process OUT_JSON WORKDIR ADDRESS PROCESS_ID NUM_PROCESSES
 
-Writes its results (per-step losses, checks) as JSON to OUT_JSON.
+Writes its results (per-step losses, checks) as JSON to OUT_JSON and the final parameters of each run to
+OUT_JSON's stem + `-<run>.npz` (one array per parameter, named by its path).
 """
 
 import json
@@ -17,6 +18,19 @@ def losses(result):
     return [h["loss"] for h in result.history]
 
 
+def save_params(out_path, run, params):
+    """The parameters as host arrays (gathered from every process) in `<out_path stem>-<run>.npz`."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        flat = {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(params)}
+        np.savez(os.path.splitext(out_path)[0] + f"-{run}.npz", **flat)
+
+
 def meshes(out_path, workdir):
     import jax
     import numpy as np
@@ -24,7 +38,7 @@ def meshes(out_path, workdir):
     from perceiver_ar_jax import training
     from perceiver_ar_jax.checkpoints import TrainingCheckpoints
     from perceiver_ar_jax.training import partitioning
-    from tests.synthetic_data import SigtermAtBatch, synthetic_datasets, tiny_train_config
+    from tests.synthetic_data import SignalAtBatch, synthetic_datasets, tiny_train_config
 
     assert jax.device_count() == 8, jax.devices()
     out = {"losses": {}}
@@ -33,12 +47,13 @@ def meshes(out_path, workdir):
         result = training.train_and_evaluate(config, os.path.join(workdir, "x".join(map(str, shape))),
                                               datasets=synthetic_datasets(config))
         out["losses"][str(shape)] = losses(result)
+        save_params(out_path, "x".join(map(str, shape)), result.state.params)
 
     # stopped on a (2, 2, 2) mesh, resumed on (1, 4, 2)
     first = tiny_train_config(**{"mesh.ici_parallelism": (2, 2, 2)})
     resume_dir = os.path.join(workdir, "resume")
     stopped = training.train_and_evaluate(first, resume_dir,
-                                           datasets=SigtermAtBatch(synthetic_datasets(first), index=3))
+                                           datasets=SignalAtBatch(synthetic_datasets(first), index=3))
     saved = jax.device_get(stopped.state)
     out["losses"][str((2, 2, 2))] = losses(stopped)
     second = tiny_train_config(**{"mesh.ici_parallelism": (1, 4, 2)})
@@ -62,6 +77,7 @@ def meshes(out_path, workdir):
     out["stopped_at"] = int(saved.step)
     resumed = training.train_and_evaluate(second, resume_dir, datasets=synthetic_datasets(second))
     out["resumed_losses"] = losses(resumed)
+    save_params(out_path, "resumed", resumed.state.params)
     with open(out_path, "w") as f:
         json.dump(out, f)
 
@@ -81,6 +97,7 @@ def process(out_path, workdir, address, process_id, num_processes):
     assert jax.process_count() == num_processes and jax.process_index() == process_id
     result = training.train_and_evaluate(
         config, workdir, datasets=synthetic_datasets(config, process_index=process_id, process_count=num_processes))
+    save_params(out_path, "processes", result.state.params)
     with open(out_path, "w") as f:
         json.dump({"losses": losses(result), "devices": jax.device_count(),
                    "local_devices": jax.local_device_count()}, f)

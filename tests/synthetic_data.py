@@ -86,12 +86,12 @@ def tiny_train_config(**overrides):
     return config
 
 
-class SigtermAtBatch:
-    """Wraps a DatasetFactory: sends this process SIGTERM when the training iterator hands out batch `index`
-    (counted from the start of the stream), as a cluster does before it preempts a job."""
+class SignalAtBatch:
+    """Wraps a DatasetFactory: sends this process `signum` when the training iterator hands out batch `index`
+    (counted from the start of the stream): SIGTERM as a cluster does before it preempts a job, SIGINT as Ctrl-C."""
 
-    def __init__(self, factory, index):
-        self.factory, self.index = factory, index
+    def __init__(self, factory, index, signum=signal.SIGTERM):
+        self.factory, self.index, self.signum = factory, index, signum
 
     def __call__(self, split, batch_size):
         it = self.factory(split, batch_size)
@@ -105,7 +105,7 @@ class SigtermAtBatch:
 
             def __next__(self):
                 if it.index == outer.index:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), outer.signum)
                 return next(it)
 
             get_state, set_state = it.get_state, it.set_state

@@ -15,7 +15,7 @@ from perceiver_ar_jax.checkpoints import load_model, save_model
 from perceiver_ar_jax.convert import export_torch_checkpoint, load_torch_checkpoint, main
 from perceiver_ar_jax.convert.safetensors_io import SafetensorsReader, write_safetensors
 from perceiver_ar_jax.errors import CheckpointError
-from tests.conftest import REFERENCE_PYTHON, REPO
+from tests.conftest import REFERENCE_PYTHON, REPO, require
 
 PREFIX = "backend_model."
 
@@ -107,7 +107,7 @@ def test_cli_refuses_to_overwrite_and_keeps_what_was_there(tmp_path, public_fixt
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
-    assert main([str(public_fixture / "hf-safetensors"), str(dst)]) == 1
+    assert main([str(public_fixture / "hf-safetensors"), str(dst)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (dst / "precious.txt").read_text() == "keep me"
 
@@ -117,7 +117,7 @@ def test_failed_conversion_leaves_existing_destination_untouched(tmp_path, publi
     assert main([str(public_fixture / "hf-safetensors"), str(dst)]) == 0
     before = sorted(p.name for p in dst.iterdir())
     bad = copy_hf_dir(public_fixture / "hf-safetensors", tmp_path / "bad", drop=[PREFIX + "out_norm.bias"])
-    assert main([str(bad), str(dst), "--overwrite"]) == 1
+    assert main([str(bad), str(dst), "--overwrite"]) == 2
     assert sorted(p.name for p in dst.iterdir()) == before
     load_model(dst)  # still loads
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no leftovers
@@ -252,8 +252,7 @@ def test_corrupted_model_directory(tmp_path, fixture_model):
 # ------------------------------------------------------------------------------------- perceiver-io itself
 @pytest.mark.reference
 def test_perceiver_io_loads_our_export_and_gives_the_same_logits(tmp_path, public_fixture, fixture_model):
-    if not REFERENCE_PYTHON.exists():
-        pytest.skip(f"no perceiver-io reference venv at {REFERENCE_PYTHON} (../shared/reference/setup-reference.sh)")
+    require(REFERENCE_PYTHON)
     config, params = fixture_model
     export_torch_checkpoint(config, params, tmp_path / "hf")
     golden = np.load(public_fixture / "forward_cases.npz")
@@ -277,6 +276,6 @@ for name, path in (("ours", {str(tmp_path / "hf")!r}), ("theirs", {str(public_fi
 def test_convert_module_runs_as_a_script(tmp_path, public_fixture):
     result = subprocess.run([sys.executable, "-m", "perceiver_ar_jax.convert", str(tmp_path / "missing"),
                              str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().startswith("error: checkpoint not found")
     assert "Traceback" not in result.stderr

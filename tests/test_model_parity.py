@@ -6,6 +6,7 @@ Goldens: ../shared/fixtures/public (the public fixture, in three checkpoint form
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,11 @@ from perceiver_ar_jax.model import CausalLanguageModel
 from tests.conftest import REFERENCE_ASSETS
 
 TOLERANCE = 1e-4  # max |logit difference| in float32
+
+
+def compiled(model):
+    """model.apply under jax.jit, as every user runs it (op-by-op execution of a whole model is far slower)."""
+    return jax.jit(model.apply, static_argnames="prefix_len")
 
 PUBLIC_CASES = [  # (case, tokens key, prefix_len, pad mask key)
     ("p0", "tokens", 0, None),
@@ -29,10 +35,10 @@ def test_public_fixture_logits_match_in_every_checkpoint_format(public_fixture, 
     if checkpoint != "hf-safetensors":
         pytest.importorskip("torch", reason="pickle checkpoints need the torch extra")
     config, params = load_torch_checkpoint(public_fixture / checkpoint)
-    model = CausalLanguageModel(config)
+    apply = compiled(CausalLanguageModel(config))
     golden = np.load(public_fixture / "forward_cases.npz")
     for case, tokens, prefix_len, pad_mask in PUBLIC_CASES:
-        logits = model.apply({"params": params}, golden[tokens], prefix_len=prefix_len,
+        logits = apply({"params": params}, golden[tokens], prefix_len=prefix_len,
                              pad_mask=None if pad_mask is None else golden[pad_mask])
         expected = golden["logits_" + case]
         assert logits.shape == expected.shape, case
@@ -46,11 +52,11 @@ def test_logits_match_reference_for_config_options(name):
     config, params = load_torch_checkpoint(directory)
     expected_config = json.loads((directory / "config.json").read_text())["model_config"]
     assert {k: getattr(config, k) for k in expected_config} == expected_config
-    model = CausalLanguageModel(config)
+    apply = compiled(CausalLanguageModel(config))
     golden = np.load(directory / "cases.npz")
     for case in json.loads((directory / "cases.json").read_text())["cases"]:
         pad_mask = golden[case["name"] + "_pad_mask"] if case["has_pad_mask"] else None
-        logits = model.apply({"params": params}, golden[case["name"] + "_input_ids"], prefix_len=case["prefix_len"],
+        logits = apply({"params": params}, golden[case["name"] + "_input_ids"], prefix_len=case["prefix_len"],
                              pad_mask=pad_mask)
         np.testing.assert_allclose(logits, golden[case["name"] + "_logits"], rtol=0, atol=TOLERANCE,
                                    err_msg=f"{name}/{case['name']}")
@@ -61,8 +67,8 @@ def test_max_heads_parallel_does_not_change_results(public_fixture):
     golden = np.load(public_fixture / "forward_cases.npz")
     results = []
     for heads in (None, 1, 3, 4):
-        model = CausalLanguageModel(config.replace(max_heads_parallel=heads))
-        results.append(np.asarray(model.apply({"params": params}, golden["pad_tokens"], prefix_len=48,
+        apply = compiled(CausalLanguageModel(config.replace(max_heads_parallel=heads)))
+        results.append(np.asarray(apply({"params": params}, golden["pad_tokens"], prefix_len=48,
                                               pad_mask=golden["pad_mask"])))
     for other in results[1:]:
         np.testing.assert_allclose(other, results[0], rtol=0, atol=TOLERANCE)

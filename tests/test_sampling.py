@@ -278,12 +278,15 @@ def run_sample_py(*args, tmp_path):
                           text=True, env=env, cwd=tmp_path, timeout=300)
 
 
-def test_sample_py_streams_a_continuation(model_dir, tmp_path):
-    proc = run_sample_py("--checkpoint", model_dir, "--prompt", "Recently, I started to work on my",
-                         "--num_latents", 2, "--max_new_tokens", 6, "--top_k", 20, tmp_path=tmp_path)
+def test_sample_py_streams_the_generator_continuation_after_the_prompt_as_given(model_dir, tmp_path):
+    prompt = "Recently, I started\nto  work on my"  # a newline and a double space, which the tokenizer collapses
+    proc = run_sample_py("--checkpoint", model_dir, "--prompt", prompt, "--num_latents", 2, "--max_new_tokens", 6,
+                         "--top_k", 20, "--seed", 3, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("Recently, I started to work on my")
-    assert len(proc.stdout.strip()) > len("Recently, I started to work on my")
+    expected = Generator.from_pretrained(model_dir)(prompt, num_latents=2, max_new_tokens=6, do_sample=True,
+                                                    top_k=20, seed=3)
+    assert proc.stdout == expected + "\n"
+    assert expected.startswith(prompt) and len(expected) > len(prompt)
 
 
 @pytest.mark.parametrize("checkpoint, args, message", [
@@ -294,7 +297,7 @@ def test_sample_py_streams_a_continuation(model_dir, tmp_path):
 ])
 def test_sample_py_rejects_bad_input_with_one_message(model_dir, tmp_path, checkpoint, args, message):
     proc = run_sample_py("--checkpoint", model_dir if checkpoint == "model" else tmp_path, *args, tmp_path=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and proc.stdout == ""  # bad input; nothing echoed
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 

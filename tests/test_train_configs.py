@@ -1,8 +1,7 @@
-"""The training configs in configs/ and the flags of train.py."""
+"""The training configs in configs/ and their validation (train.py itself: tests/test_command_lines.py)."""
 
 import importlib.util
 import math
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from perceiver_ar_jax import checkpoints, training
+from perceiver_ar_jax import training
 from perceiver_ar_jax.model import CausalLanguageModel, abstract_params
 from perceiver_ar_jax.training import partitioning
 
@@ -89,36 +88,6 @@ def test_model_and_data_max_seq_len_are_one_field():
     config = load("tiny")
     config.model.max_seq_len = 512
     assert config.data.max_seq_len == 512
-
-
-def test_train_py_runs_with_overrides_from_the_command_line(tmp_path):
-    """train.py end to end on the local-text path of the input pipeline: tokenizer, text data, flags."""
-    from pydoc_data.topics import topics
-
-    from perceiver_ar_jax.tokenizer import train_tokenizer
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name in sorted(topics)[:40]:
-        (corpus / f"{name}.txt").write_text(topics[name])
-    train_tokenizer(sorted(corpus.glob("*.txt")), tmp_path / "tok", vocab_size=300)
-    workdir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config=" + str(REPO / "configs" / "tiny.py"),
-           f"--workdir={workdir}", "--config.num_train_steps=4", "--config.batch_size=4", "--config.eval_batch_size=4",
-           "--config.model.vocab_size=300", "--config.model.num_channels=32", "--config.model.max_seq_len=64",
-           "--config.model.max_latents=32", "--config.data.min_seq_len=32", f"--config.data.text_paths=('{corpus}',)",
-           f"--config.tokenizer_dir={tmp_path / 'tok'}", "--config.log_every_steps=2", "--config.eval_every_steps=4",
-           "--config.sample_every_steps=0", "--config.tensorboard=False", "--config.mesh.ici_parallelism=(1,1,1)"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "step 4/4 | loss" in proc.stdout and "eval at step 4" in proc.stdout
-    config, _ = checkpoints.load_model(workdir)
-    assert (config.num_channels, config.max_seq_len, config.vocab_size) == (32, 64, 300)  # the overrides
-    assert (workdir / "spiece.model").is_file() and (workdir / "train_config.json").is_file()
-    bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path / 'bad'}", "--config.model.max_latents=2000"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert bad.returncode != 0 and "max_latents" in bad.stderr
-    assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,9 +1,12 @@
-"""The training loop on one CPU device: a whole run, resuming, checkpoint fallback, divergence, fine-tuning."""
+"""The training loop on one CPU device: a whole run, resuming, restore failures, divergence, fine-tuning.
+
+(The real input pipeline under train.py, killed with SIGKILL, is tests/test_kill_and_resume.py.)"""
 
 import glob
 import logging
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -11,8 +14,9 @@ import pytest
 
 from perceiver_ar_jax import checkpoints as model_directory
 from perceiver_ar_jax import training
-from perceiver_ar_jax.checkpoints import TrainingCheckpoints
-from tests.synthetic_data import SigtermAtBatch, synthetic_datasets, tiny_train_config
+from perceiver_ar_jax.checkpoints import TrainingCheckpoints, UnreadableCheckpointError, training_checkpoints
+from perceiver_ar_jax.errors import StorageUnavailableError
+from tests.synthetic_data import SignalAtBatch, synthetic_datasets, tiny_train_config
 
 
 def assert_trees_equal(a, b):
@@ -53,10 +57,11 @@ def test_tiny_run_learns_and_leaves_a_loadable_workdir(tmp_path):
     assert_trees_equal(params, result.state.params)
 
 
-def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(uninterrupted, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(uninterrupted, tmp_path, signum):
     config, _, reference = uninterrupted
-    stopped = run(config, tmp_path, SigtermAtBatch(synthetic_datasets(config), index=4))
-    assert stopped.stopped_early
+    stopped = run(config, tmp_path, SignalAtBatch(synthetic_datasets(config), index=4, signum=signum))
+    assert stopped.stopped_early and stopped.stopped_by == signum  # train.py exits with 128 + signum
     stop_step = int(stopped.state.step)
     assert 4 <= stop_step < config.num_train_steps  # stopped right after the signal, with a checkpoint
     assert TrainingCheckpoints(str(tmp_path), read_only=True).latest_step() == stop_step
@@ -69,21 +74,111 @@ def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(uninte
     assert_trees_equal(resumed.state, reference.state)
 
 
-def test_unreadable_latest_checkpoint_is_reported_and_the_previous_one_used(uninterrupted, tmp_path, caplog):
+def truncate_files(directory):
+    for f in glob.glob(str(directory / "**" / "*"), recursive=True):
+        if os.path.isfile(f):
+            with open(f, "r+b") as fh:
+                fh.truncate(3)
+
+
+@pytest.fixture
+def damaged_7(uninterrupted, tmp_path):
+    """The reference workdir up to step 6, plus a step 7 whose parameter files are cut short."""
     config, reference_dir, reference = uninterrupted
     shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
-    shutil.copytree(tmp_path / "checkpoints" / "6", tmp_path / "checkpoints" / "7")  # a newer checkpoint...
-    for f in glob.glob(str(tmp_path / "checkpoints" / "7" / "params" / "**" / "*"), recursive=True):
-        if os.path.isfile(f):
-            with open(f, "r+b") as fh:  # ... whose parameter files are cut short
-                fh.truncate(3)
+    shutil.copytree(tmp_path / "checkpoints" / "6", tmp_path / "checkpoints" / "7")
+    truncate_files(tmp_path / "checkpoints" / "7" / "params")
     shutil.rmtree(tmp_path / "checkpoints" / "8")
-    with caplog.at_level(logging.ERROR):
-        resumed = run(config, tmp_path)
-    assert "checkpoints/7 is unreadable" in caplog.text
-    assert os.path.isdir(tmp_path / "checkpoints" / "corrupted-7")  # set aside, not deleted
+    return config, tmp_path, reference
+
+
+def test_damaged_latest_checkpoint_is_set_aside_in_one_line_and_the_previous_one_used(damaged_7, caplog):
+    config, workdir, reference = damaged_7
+    with caplog.at_level(logging.WARNING):
+        resumed = run(config, workdir)
+    [line] = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert "checkpoints/7 is damaged (" in line and "set aside as corrupted-7, resuming from step 6" in line
+    assert "\n" not in line and "TensorStore" not in line
+    assert os.path.isdir(workdir / "checkpoints" / "corrupted-7")  # set aside, not deleted
     assert [h["step"] for h in resumed.history] == [7, 8]  # resumed from step 6
     assert_trees_equal(resumed.state, reference.state)
+
+
+def flaky_restore(monkeypatch, failures: int, error: Exception):
+    """TrainingCheckpoints.restore fails `failures` times with `error`, then works; returns the recorded sleeps."""
+    original, calls, sleeps = TrainingCheckpoints.restore, [], []
+
+    def restore(self, step, abstract_state):
+        calls.append(step)
+        if len(calls) <= failures:
+            raise error
+        return original(self, step, abstract_state)
+
+    monkeypatch.setattr(TrainingCheckpoints, "restore", restore)
+    monkeypatch.setattr(training_checkpoints.time, "sleep", sleeps.append)
+    return calls, sleeps
+
+
+def test_transient_storage_errors_are_retried_and_set_nothing_aside(uninterrupted, tmp_path, monkeypatch,
+                                                                     caplog):
+    config, reference_dir, reference = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    calls, sleeps = flaky_restore(monkeypatch, 2, ValueError("UNAVAILABLE: Error reading gs://b/6: HTTP 503"))
+    with caplog.at_level(logging.WARNING):
+        resumed = run(config, tmp_path)
+    assert calls == [6, 6, 6] and sleeps == [2.0, 4.0]  # the same checkpoint again, with a growing wait
+    retries = [r.getMessage() for r in caplog.records if "transient storage error" in r.getMessage()]
+    assert len(retries) == 2 and "retrying in 2.0 s (attempt 2 of 4)" in retries[0]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6", "8"]  # resumed from 6, nothing set aside
+    assert_trees_equal(resumed.state, reference.state)
+
+
+def test_storage_that_stays_unavailable_stops_the_run_and_changes_nothing(uninterrupted, tmp_path, monkeypatch):
+    config, reference_dir, _ = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    flaky_restore(monkeypatch, 100, ConnectionResetError(104, "Connection reset by peer"))
+    with pytest.raises(StorageUnavailableError, match=r"checkpoints/8: transient storage errors on all 4 attempts"):
+        run(config, tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6", "8"]
+
+
+def test_a_failure_that_is_not_damage_changes_nothing(uninterrupted, tmp_path, monkeypatch):
+    config, reference_dir, _ = uninterrupted
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    flaky_restore(monkeypatch, 100, ValueError("User-provided restore item and on-disk value metadata tree "
+                                               "structures do not match"))
+    with pytest.raises(UnreadableCheckpointError, match=r"cannot restore the checkpoint .*checkpoints/8: "
+                                                        r"ValueError: User-provided.*Nothing was changed"):
+        run(config, tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6", "8"]
+
+
+def test_when_every_checkpoint_is_damaged_nothing_is_renamed_and_one_line_says_why(damaged_7, tmp_path):
+    config, workdir, _ = damaged_7
+    for step in ("3", "6"):
+        truncate_files(workdir / "checkpoints" / step / "params")
+    with pytest.raises(UnreadableCheckpointError) as raised:
+        run(config, workdir)
+    message = str(raised.value)
+    assert message.startswith(f"every checkpoint in {workdir}/checkpoints is damaged (7: ") and "; 3: " in message
+    assert "\n" not in message and "TensorStore" not in message
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6", "7"]
+
+
+def test_a_run_that_fails_before_its_first_step_writes_nothing(tmp_path, uninterrupted):
+    config, _, reference = uninterrupted
+
+    def missing_corpus(split, batch_size):
+        raise FileNotFoundError(2, "No such file or directory", "corpus/")
+
+    with pytest.raises(FileNotFoundError):
+        run(config, tmp_path / "run", missing_corpus)
+    assert not (tmp_path / "run").exists()
+    # so a rerun may choose another model: nothing claims that checkpoints of the first one exist
+    wider = tiny_train_config(num_train_steps=2, **{"model.num_channels": 48})
+    assert [h["step"] for h in run(wider, tmp_path / "run").history] == [1, 2]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
 
 
 def test_interrupted_save_is_ignored(uninterrupted, tmp_path, caplog):

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from perceiver_ar_jax.checkpoints import training_checkpoints
-from perceiver_ar_jax.errors import CheckpointError
+from perceiver_ar_jax.checkpoints.restore_errors import classify
+from perceiver_ar_jax.errors import CheckpointError, StorageUnavailableError
 from perceiver_ar_jax.model import CausalLanguageModelConfig, abstract_params
 
 MODEL_TYPE = "perceiver-ar-jax"
@@ -129,25 +130,36 @@ def load_model(directory: str | os.PathLike, sharding: jax.sharding.Sharding | A
     if not os.path.isdir(params_dir) and training_checkpoints.is_training_workdir(directory):
         try:  # a training workdir: the newest readable training checkpoint
             return config, training_checkpoints.load_params(directory, target)[1]
+        except (CheckpointError, StorageUnavailableError):
+            raise  # their messages name the checkpoint and the cause already
         except Exception as e:  # noqa: BLE001 - as below
             raise CheckpointError(f"cannot restore parameters from the training workdir {directory}: "
-                                  f"{type(e).__name__}: {e}") from None
+                                  f"{classify(e).cause}") from None
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean "this checkpoint is unusable"
-        raise CheckpointError(f"cannot restore the parameters in {params_dir}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot restore the parameters in {params_dir}: {classify(e).cause}") from None
     return config, params
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
     """Copy the tokenizer files present in src_dir; either side may be a gs:// path (a training workdir)."""
     copied = []
+    if _same_directory(src_dir, dst_dir):  # e.g. a tokenizer trained into the workdir itself: one copy is enough
+        return copied
     for name in TOKENIZER_FILES:
         src = epath.Path(src_dir) / name
         if src.is_file():
             (epath.Path(dst_dir) / name).write_bytes(src.read_bytes())
             copied.append(name)
     return copied
+
+
+def _same_directory(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = os.fspath(a), os.fspath(b)
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def replace_directory(src: str, dst: str) -> None:

@@ -8,8 +8,10 @@ Each step directory holds four items:
 
 Saves are asynchronous (training continues while arrays are written) and atomic: orbax writes to a temporary
 directory and renames it when every process has finished, so a job killed mid-save leaves no half checkpoint
-under a step's name. A checkpoint that is present but unreadable is reported, moved aside and the one before it used.
-(`model_directory.py` is the other format: a finished model for sampling and conversion.)
+under a step's name. Restoring sorts failures (`restore_errors.py`): a transient storage error is retried; a
+checkpoint whose files are damaged is reported in one line, moved aside as `corrupted-<step>` and the one before
+it used (only once that one restored, so a config that fits no checkpoint renames nothing); anything else stops
+with its cause and changes nothing. (`model_directory.py` is the other format: a finished model.)
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from perceiver_ar_jax.checkpoints.restore_errors import classify
+from perceiver_ar_jax.errors import CheckpointError, StorageUnavailableError
 
 CHECKPOINTS_DIR = "checkpoints"
 ITEMS = ("params", "opt_state", "meta", "data")
@@ -72,25 +79,35 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-class UnreadableCheckpointError(RuntimeError):
-    pass
+class UnreadableCheckpointError(CheckpointError):
+    """No checkpoint of a workdir can be restored (the message names each one and why)."""
 
 
 class TrainingCheckpoints:
-    """The checkpoints of one training workdir: save every N steps, keep the last K, restore the newest good one."""
+    """The checkpoints of one training workdir: save every N steps, keep the last K, restore the newest good one.
+
+    Nothing is created on disk until `create_directory()` (called once the run has really started) or a save.
+    restore_attempts / retry_delay_s: tries of a restore that fails with a transient storage error, and the wait
+    before the first retry (doubled before each next one).
+    """
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, restore_attempts: int = 4, retry_delay_s: float = 2.0):
         self.directory = str(workdir_path(workdir) / CHECKPOINTS_DIR)
         self.read_only = read_only  # readers (load_params) never rename, delete or create anything
+        self.restore_attempts, self.retry_delay_s = restore_attempts, retry_delay_s
         if not read_only:
             self._report_incomplete()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             enable_async_checkpointing=async_save,
-            create=not read_only,
+            create=False,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def create_directory(self) -> None:
+        if not self.read_only and jax.process_index() == 0:
+            epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
 
     def _report_incomplete(self) -> None:
         directory = epath.Path(self.directory)
@@ -112,6 +129,11 @@ class TrainingCheckpoints:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return False
+        self.create_directory()
+        if jax.process_count() > 1:  # every process writes into it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint_directory_{step}")
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
@@ -138,49 +160,76 @@ class TrainingCheckpoints:
         return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
                                     ).params
 
-    def restore_latest(self, restore_fn) -> tuple[int, Any] | None:
-        """Call restore_fn(step) on the newest step, falling back to older ones when a checkpoint is unreadable.
+    def restore_latest(self, restore_fn: Callable[[int], Any]) -> tuple[int, Any] | None:
+        """restore_fn(step) on the newest step, falling back to older ones while checkpoints are damaged.
 
-        Unreadable checkpoints newer than the one restored are logged and, unless read-only, renamed to
-        `corrupted-<step>` so that training can save those steps again. When no checkpoint can be restored, nothing
-        is renamed (the cause is then more likely a changed config than corruption) and the first error is raised.
-        Returns (step, restore_fn's result), or None when there is no checkpoint at all.
+        Returns (step, restore_fn's result), or None when there is no checkpoint at all. A transient storage error
+        is retried (StorageUnavailableError when every attempt failed). Damaged checkpoints newer than the one
+        restored are reported and, unless read-only, renamed to `corrupted-<step>` so that training can save those
+        steps again. When no checkpoint can be restored, or one fails for another reason than damaged files (e.g.
+        a config that does not fit it), nothing is renamed and UnreadableCheckpointError says why, in one line.
         """
-        failed = []
+        damaged: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
-                result = restore_fn(step)
-            except Exception as e:  # noqa: BLE001 - orbax and the file system raise many types; all mean unreadable
-                message = str(e).splitlines()[0] if str(e) else ""
-                logging.error("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                              f"{self.directory}/{step}", type(e).__name__, message)
-                failed.append((step, e))
+                result = self._restore_retrying(step, restore_fn)
+            except StorageUnavailableError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax and the file system raise many types; classify sorts them
+                failure = classify(e)
+                if failure.kind != "damaged":
+                    raise UnreadableCheckpointError(
+                        f"cannot restore the checkpoint {self.directory}/{step}: {failure.cause}. Nothing was "
+                        "changed; if the config differs from the one the run was started with, use that config or "
+                        "another --workdir") from None
+                damaged.append((step, failure.cause))
                 continue
-            for bad_step, _ in failed:
-                self._set_aside(bad_step)
+            for bad_step, cause in damaged:
+                self._report_damaged(bad_step, cause, used=step)
             return step, result
-        if failed:
-            step, error = failed[0]
+        if damaged:
+            causes = "; ".join(f"{step}: {cause}" for step, cause in damaged)
             raise UnreadableCheckpointError(
-                f"none of the checkpoints {self.steps()} in {self.directory} can be restored; the newest failed with "
-                f"{type(error).__name__}: {error}. If the config changed, use the config the run was started with "
-                "or another workdir; move the checkpoints away to start afresh") from error
+                f"every checkpoint in {self.directory} is damaged ({causes}). Nothing was changed; move the "
+                "checkpoints away (or use another --workdir) to start afresh")
         return None
 
-    def _set_aside(self, step: int) -> None:
-        if self.read_only:
-            return
+    def _restore_retrying(self, step: int, restore_fn: Callable[[int], Any]) -> Any:
+        for attempt in range(1, self.restore_attempts + 1):
+            try:
+                return restore_fn(step)
+            except Exception as e:
+                failure = classify(e)
+                if failure.kind != "transient":
+                    raise
+                if attempt == self.restore_attempts:
+                    raise StorageUnavailableError(
+                        f"cannot read the checkpoint {self.directory}/{step}: transient storage errors on all "
+                        f"{attempt} attempts, the last {failure.cause}. The files were left as they are; run again "
+                        "later") from None
+                delay = self.retry_delay_s * 2 ** (attempt - 1)
+                logging.warning("checkpoint %s/%d: transient storage error (%s); retrying in %.1f s (attempt %d of "
+                                "%d)", self.directory, step, failure.cause, delay, attempt + 1, self.restore_attempts)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _report_damaged(self, step: int, cause: str, used: int) -> None:
         src = epath.Path(self.directory) / str(step)
+        if self.read_only:
+            logging.warning("checkpoint %s is damaged (%s); using the checkpoint at step %d", src, cause, used)
+            return
+        dst, n = src.parent / f"corrupted-{step}", 1
+        while dst.exists():
+            dst, n = src.parent / f"corrupted-{step}.{n}", n + 1
         if jax.process_index() == 0 and src.is_dir():
-            dst, n = src.parent / f"corrupted-{step}", 1
-            while dst.exists():
-                dst, n = src.parent / f"corrupted-{step}.{n}", n + 1
             src.rename(dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"set_aside_{step}")
         self.manager.reload()
+        logging.warning("checkpoint %s is damaged (%s); set aside as %s, resuming from step %d", src, cause,
+                        dst.name, used)
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process when the cluster announced a preemption (multi-host; needs jax.distributed)."""
@@ -203,6 +252,14 @@ def is_training_workdir(path: str | os.PathLike) -> bool:
     return (workdir_path(path) / CHECKPOINTS_DIR).is_dir()
 
 
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a workdir's finished checkpoints (directories named by their step), without orbax."""
+    directory = workdir_path(workdir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def load_params(workdir: str | os.PathLike, abstract_params) -> tuple[int, Any]:
     """The parameters of the newest readable checkpoint of a training workdir -> (step, params).
 
@@ -213,5 +270,5 @@ def load_params(workdir: str | os.PathLike, abstract_params) -> tuple[int, Any]:
     finally:
         checkpoints.close()
     if found is None:
-        raise UnreadableCheckpointError(f"no readable training checkpoint in {checkpoints.directory}")
+        raise UnreadableCheckpointError(f"no training checkpoint in {checkpoints.directory}")
     return found

@@ -5,8 +5,9 @@ optimizer, metrics, the device mesh (`partitioning.py`) and the config with its 
     train_and_evaluate(config, workdir)
 """
 
+from perceiver_ar_jax.errors import NonFiniteLossError
 from perceiver_ar_jax.training.config import base_config, check_config, model_config_from
-from perceiver_ar_jax.training.loop import NonFiniteLossError, TrainResult, train_and_evaluate
+from perceiver_ar_jax.training.loop import TrainResult, train_and_evaluate
 
 __all__ = ["NonFiniteLossError", "TrainResult", "base_config", "check_config", "model_config_from",
            "train_and_evaluate"]

@@ -5,7 +5,9 @@
 `config` is an ml_collections ConfigDict as in configs/*.py (`batch_size` is the global batch, summed over all
 processes and devices). The workdir ends up a model directory too: `config.json` (the model config), the tokenizer
 files and `checkpoints/`, so `perceiver_ar_jax.checkpoints.load_model(workdir)` and the sampler read the newest
-good parameters straight from it.
+good parameters straight from it. Nothing is written into the workdir until the run has really started (the
+state is there, the input pipeline gave its first batch and the first step is running): a run that fails at once
+leaves the workdir as it was. `train.log` there then keeps every log record, the console's hidden ones too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from absl import logging
 
 from perceiver_ar_jax.checkpoints import TrainingCheckpoints, workdir_path
-from perceiver_ar_jax.errors import check
+from perceiver_ar_jax.errors import NonFiniteLossError, check, one_line
+from perceiver_ar_jax.errors.console import FILE_ONLY, LogFile
 from perceiver_ar_jax.model import CausalLanguageModel
 from perceiver_ar_jax.training import metrics as metrics_lib
 from perceiver_ar_jax.training import optimizer as optimizer_lib
@@ -38,6 +41,9 @@ from perceiver_ar_jax.training.state import (
     write_workdir_files,
 )
 from perceiver_ar_jax.training.step import TrainState, eval_step, train_step
+from perceiver_ar_jax.training.stop_signal import StopSignal
+
+LOG_FILE = "train.log"
 
 
 class ResumableIterator(Protocol):
@@ -53,16 +59,13 @@ class ResumableIterator(Protocol):
 DatasetFactory = Callable[[str, int], ResumableIterator]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState  # the state after the last step run
     history: list[dict[str, float]]  # one entry per step run: step, loss, z_loss, grad_norm, learning_rate
     evals: list[dict[str, float]]  # one entry per evaluation: step, loss, perplexity, bits_per_token
     stopped_early: bool  # True when a stop signal or preemption ended the run before num_train_steps
+    stopped_by: int | None = None  # the signal that stopped it (SIGTERM also for a multi-host preemption)
 
 
 def default_datasets(config: ml_collections.ConfigDict, tokenizer) -> DatasetFactory:
@@ -92,12 +95,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     datasets: overrides the input pipeline (tests, custom data); default: perceiver_ar_jax.data per config.data.
     """
-    workdir = workdir_path(workdir)  # local, or gs://... on TPU VMs
+    log_file = LogFile()  # holds the records until the run has started, then writes them to the workdir
+    try:
+        return _train_and_evaluate(config, workdir_path(workdir), datasets, log_file)
+    except BaseException as e:
+        logging.error("the run failed: %s", one_line(e), exc_info=e, extra=FILE_ONLY)
+        raise
+    finally:
+        log_file.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: DatasetFactory | None,
+                        log_file: LogFile) -> TrainResult:
     model_config = check_config(config)  # every value, before the mesh is built
     mesh = partitioning.create_mesh(config.mesh)
     check_config(config, partitioning.num_batch_shards(mesh), jax.process_count())  # and what the mesh needs
     rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
-    logging.info("mesh %s on %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     tokenizer = None
     if config.tokenizer_dir:
@@ -117,7 +130,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if trained_with is not None:
         # a resumed run must have the architecture of its checkpoints (say so before trying to restore them)
         check_same_parameters(trained_with, abstract_state.params, f"the checkpoints in --workdir={workdir}")
-    write_workdir_files(workdir, config, model_config, config.tokenizer_dir)
+
+    def start_writing() -> None:
+        """The run has really started: make the workdir a model directory, and keep the log there."""
+        write_workdir_files(workdir, config, model_config, config.tokenizer_dir)
+        checkpoints.create_directory()
+        if "://" not in str(workdir):  # a local workdir (no appending to objects in a bucket)
+            name = LOG_FILE if jax.process_count() == 1 else f"train.process_{jax.process_index()}.log"
+            log_file.start(workdir / name)
+        logging.info("training in %s on the mesh %s (%d devices, %d processes)", workdir, dict(mesh.shape),
+                     mesh.size, jax.process_count())
 
     with jax.set_mesh(mesh):
         checkpoints = TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
@@ -136,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             p_eval_step = jax.jit(lambda p, b: eval_step(p, b, model=model),
                                   in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
             loop = _Loop(config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
-                         schedule)
+                         schedule, start_writing)
             return loop.run(state, train_iter)
         finally:
             if loop is not None:
@@ -149,11 +171,12 @@ class _Loop:
     """The step loop and its periodic jobs (logging, evaluation, samples, checkpoints, preemption)."""
 
     def __init__(self, config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
-                 schedule):
+                 schedule, start_writing: Callable[[], None]):
         self.config, self.workdir, self.model, self.tokenizer, self.mesh = config, workdir, model, tokenizer, mesh
         self.checkpoints, self.datasets, self.schedule = checkpoints, datasets, schedule
         self.p_train_step, self.p_eval_step = p_train_step, p_eval_step
-        self.writer = metrics_lib.MetricsWriter(str(workdir), tensorboard=config.tensorboard)
+        self.start_writing = start_writing
+        self.writer = metrics_lib.MetricsWriter(None)  # the console only, until the run has started
         self.stop_signal = StopSignal() if jax.process_count() == 1 else None
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet fetched from the devices
         self.history: list[dict[str, float]] = []
@@ -184,7 +207,7 @@ class _Loop:
             peak_flops_total=None if peak is None else peak * jax.device_count())
         if start >= total:
             logging.info("nothing to do: the checkpoint is at step %d and num_train_steps is %d", start, total)
-        stopped_early = False
+        stopped_early, stopped_by = False, None
         for step in range(start + 1, total + 1):  # `step` = number of updates done after this iteration
             try:
                 batch = next(train_iter)
@@ -195,6 +218,8 @@ class _Loop:
             self.pending.append((step, step_metrics))
             if step == start + 1:
                 throughput.reset(step)  # the first step includes compilation
+                self.start_writing()  # compiled and running: from here on the workdir is written
+                self.writer = metrics_lib.MetricsWriter(str(self.workdir), tensorboard=config.tensorboard)
 
             stop = self.should_stop(step)
             last = step == total
@@ -203,9 +228,9 @@ class _Loop:
             if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or last or stop:
                 self.save(state, train_iter)
             if stop:
-                stopped_early = not last
-                logging.warning("stopped at step %d of %d on request; rerun the same command to resume", step,
-                                total)
+                stopped_early, stopped_by = not last, self.stop_reason()
+                logging.warning("stopped at step %d of %d (%s) with a checkpoint; rerun the same command to resume",
+                                step, total, signal_name(stopped_by))
                 break
             if config.eval_every_steps and (step % config.eval_every_steps == 0 or last):
                 self.evaluate(step, state.params)
@@ -215,12 +240,18 @@ class _Loop:
                 throughput.reset(step)
         self.flush_pending()
         self.writer.flush()
-        return TrainResult(state=state, history=self.history, evals=self.evals, stopped_early=stopped_early)
+        return TrainResult(state=state, history=self.history, evals=self.evals, stopped_early=stopped_early,
+                           stopped_by=stopped_by)
 
     def should_stop(self, step: int) -> bool:
         if self.stop_signal is not None:
             return self.stop_signal.received is not None
         return self.checkpoints.reached_preemption(step)
+
+    def stop_reason(self) -> int:
+        """The signal that stopped the run: the one received, or SIGTERM for a multi-host preemption."""
+        received = self.stop_signal.received if self.stop_signal is not None else None
+        return received if received is not None else signal.SIGTERM
 
     # ------------------------------------------------------------------------------------------------------------
     def flush_pending(self) -> list[dict[str, float]]:
@@ -326,26 +357,5 @@ class _Loop:
         self.writer.console(f"sample at step {step}: {text!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-class StopSignal:
-    """SIGTERM (preemption notice on most clusters) -> a flag that the training loop checks after every step, so
-    it can save and exit cleanly. Multi-host jobs use orbax's preemption sync point instead (all hosts must agree
-    on the step at which they stop), see `TrainingCheckpoints.reached_preemption`."""
-
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self.received: int | None = None
-        self._previous = {}
-        for sig in signals:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        logging.warning("received signal %d: saving a checkpoint and stopping after this step", signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+def signal_name(signum: int | None) -> str:
+    return "no signal" if signum is None else signal.Signals(signum).name

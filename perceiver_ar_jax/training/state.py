@@ -66,9 +66,10 @@ def load_pretrained_params(directory: str, model_config: CausalLanguageModelConf
 
 
 def read_workdir_model_config(workdir: epath.Path) -> CausalLanguageModelConfig | None:
-    """The model config a workdir's checkpoints were trained with (its config.json), or None for a new workdir."""
+    """The model config a workdir's checkpoints were trained with (its config.json), or None for a workdir without
+    a finished checkpoint (new, or whose runs never saved one: then the next run may use another model)."""
     path = workdir / checkpoints.CONFIG_FILE
-    if not path.exists() or not checkpoints.is_training_workdir(workdir):
+    if not path.exists() or not checkpoints.saved_steps(workdir):
         return None
     return checkpoints.config_from_json(path.read_text())
 
