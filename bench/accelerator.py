@@ -134,7 +134,7 @@ def train_rows(name: str, label: str, config, impls, batches, steps: int) -> lis
     return rows
 
 
-def decode_rows(config, prompt_len: int, num_latents: int, new_tokens: int) -> list[dict]:
+def decode_rows(config, prompt_len: int, num_latents: int, new_tokens: int, size: str = "") -> list[dict]:
     """generate at batch 1, 8 and 64: new tokens per second of the whole call, compilation excluded."""
     import flax.linen as nn
     import jax
@@ -152,7 +152,7 @@ def decode_rows(config, prompt_len: int, num_latents: int, new_tokens: int) -> l
     rows = []
     for batch in DECODE_BATCHES:
         ids = np.random.default_rng(batch).integers(1, model_config.vocab_size, (batch, prompt_len))
-        row = {"workload": f"decode, prompt {prompt_len}, {new_tokens} new", "attention": "cached",
+        row = {"workload": f"decode {size}455M, prompt {prompt_len}, {new_tokens} new", "attention": "cached",
                "batch_size": batch}
         try:
             def call(ids=ids):
@@ -210,19 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{jax.device_count()} x {getattr(device, 'device_kind', backend)} ({backend}), jax {jax.__version__}"
               f"{', tiny sizes (--tiny)' if tiny else ''}")
     print(header, flush=True)
-    rows = []
+    rows, size = [], "tiny " if tiny else ""
     if "train" not in skip:
         seq = 256 if tiny else 1024
         config = training_config("c4_455m", tiny, seq, seq // 2)
         batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= (8 if tiny else args.max_batch)]
-        rows += train_rows("c4_455m", f"train 455M, {seq} tokens", config, impls, batches, args.steps)
+        rows += train_rows("c4_455m", f"train {size}455M, {seq} tokens", config, impls, batches, args.steps)
     if "decode" not in skip:
         config = training_config("c4_455m", tiny, 256 if tiny else 1024, 128 if tiny else 512)
-        rows += decode_rows(config, 64 if tiny else 512, 32 if tiny else 256, 16 if tiny else 128)
+        rows += decode_rows(config, 64 if tiny else 512, 32 if tiny else 256, 16 if tiny else 128, size)
     if "long" not in skip:
         seq = 4096 if tiny else 65536
         config = training_config("long_context_64k", tiny, seq, 256 if tiny else 1024)
-        rows += train_rows("long_context_64k", f"train 64k-context model, {seq} tokens", config, impls, [1],
+        rows += train_rows("long_context_64k", f"train {size}64k-context model, {seq} tokens", config, impls, [1],
                            max(1, args.steps // 2))
     print(table(rows, header), flush=True)
     if args.json:
