@@ -6,7 +6,8 @@ head_dim^-0.5 before they are rotated. Three ways in:
 - `hybrid`: the hybrid layer's latents attend to [prefix, latents]; with "blockwise" attention or context
   parallelism (the logical axis `context` mapped to mesh axes, `model/sharding.py`) the prefix is normalised,
   projected and rotated block by block (`prefix.py`, `context_parallel.py`), so its keys and values are never
-  materialised;
+  materialised; splash with context parallelism runs the kernel per prefix shard
+  (`context_parallel.context_parallel_splash_attention`);
 - `attend_cached`: decoding, new queries attend to keys/values held in a cache (`CachedKeysValues`), plus their own.
 """
 
