@@ -6,9 +6,10 @@
 Built on configs/c4_8k.py (the 455M model, 1024 latents, half the prefix dropped while training); only the
 context, the attention execution and the batch layout change. Only the hybrid layer sees the 64,512-token
 prefix: with the blockwise path it costs ~4 P C^2 + 4 L P C FLOPs per sequence and keeps O(P C) activations
-(docs/long_context.md has the formulas and a TPU v5p plan). On a pod, set `model.context_parallel_axis` to split
-the prefix of each sequence over a mesh axis (here `tensor`, sized by `mesh.ici_parallelism`); on one device
-leave it None.
+(docs/long_context.md has the formulas and a TPU v5p plan). On a pod, the logical-axis rule ("context", "tensor")
+in front of `mesh.logical_axis_rules` splits the prefix of each sequence over the tensor axis (sized by
+`mesh.ici_parallelism`); by default the logical axis `context` maps to no mesh axis and every device holds whole
+sequences.
 """
 
 from configs import c4_8k
@@ -28,10 +29,9 @@ def get_config():
     config.model.attention_impl = "auto"
     # key block of the blockwise/splash attention: 1024 keys x 1024 latents x heads scores per block in flight
     config.model.attention_block_size = 1024
-    # mesh axis the hybrid layer's prefix is split over; None = each device holds whole sequences. On a pod use
-    # "tensor" with mesh.ici_parallelism = (1, N / c, c): c devices share each sequence's prefix (and the latent
-    # layers' heads / MLP), N / c shard the batch and the parameters
-    config.model.context_parallel_axis = None
+    # context parallelism: on a pod use mesh.ici_parallelism = (1, N / c, c) and mesh.logical_axis_rules =
+    # (("context", "tensor"),) + DEFAULT_LOGICAL_AXIS_RULES: c devices share each sequence's prefix (and the latent
+    # layers' heads / MLP), N / c shard the batch and the parameters. The default rules map `context` to no axis.
 
     # 32 sequences x 65,536 tokens = 2.1M tokens and 32,768 latent (loss) positions per step
     config.batch_size = 32

@@ -21,6 +21,10 @@ computed:
   bf16 autocast does. On TPU and GPU this is what a bf16 product does anyway (float32 accumulation).
 
 float32 operands take the same 2-D path and JAX's own derivative.
+
+`precision` (a `lax.Precision` or its name; the model passes its config's `matmul_precision`) goes to every
+product, forward and backward: TPUs multiply float32 operands in one bfloat16 pass at DEFAULT precision and GPUs
+in TF32, so float32 results as perceiver-io's need HIGHEST there (on CPU every precision is full float32).
 """
 
 from __future__ import annotations
@@ -35,48 +39,60 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["decode_cache_dtype", "decode_compiler_options", "dot_general", "enable_compilation_cache", "matmul",
-           "tied_output"]
+__all__ = ["as_precision", "decode_cache_dtype", "decode_compiler_options", "dot_general", "enable_compilation_cache",
+           "matmul", "tied_output"]
 
 
 def matmul(a: jnp.ndarray, b: jnp.ndarray, out_dtype: jnp.dtype | None = None,
-           rhs_transposed: bool = False) -> jnp.ndarray:
+           rhs_transposed: bool = False, precision: lax.Precision | str | None = None) -> jnp.ndarray:
     """(rows, k) x (k, cols) -> (rows, cols) in out_dtype (default a's dtype), accumulated in float32.
 
     rhs_transposed: b is (cols, k) and the product is a @ b.T (a tied output embedding). Say so here rather than
     passing `b.T`: XLA:CPU turns a bf16 product whose operand is a transpose into a float32 one.
     Operands below float32 precision (bf16, f16) are multiplied with float32 accumulation in both passes.
+    precision: a `lax.Precision` (or "default" | "high" | "highest") for the product and its gradients.
     """
     out_dtype = jnp.dtype(a.dtype if out_dtype is None else out_dtype)
+    precision = as_precision(precision)
     if a.dtype == jnp.float32 and b.dtype == jnp.float32:
-        return _dot_f32(a, b, 1, 1 if rhs_transposed else 0).astype(out_dtype)
+        return _dot_f32(a, b, 1, 1 if rhs_transposed else 0, precision).astype(out_dtype)
     if a.shape[0] == 1 and jax.default_backend() == "cpu":
         # XLA:CPU multiplies a single bf16 row 2-3x slower than two (20x by a (vocab, channels) embedding):
         # one-token decoding at batch 1 is all such products
-        return _low_precision_matmul(jnp.concatenate([a, a]), b, out_dtype, rhs_transposed)[:1]
-    return _low_precision_matmul(a, b, out_dtype, rhs_transposed)
+        return _low_precision_matmul(jnp.concatenate([a, a]), b, out_dtype, rhs_transposed, precision)[:1]
+    return _low_precision_matmul(a, b, out_dtype, rhs_transposed, precision)
 
 
-def _dot_f32(a: jnp.ndarray, b: jnp.ndarray, a_axis: int, b_axis: int) -> jnp.ndarray:
+def as_precision(precision: lax.Precision | str | None) -> lax.Precision | None:
+    """A lax.Precision from itself, its name ("default" | "high" | "highest") or None (None stays None)."""
+    if precision is None or isinstance(precision, lax.Precision):
+        return precision
+    return getattr(lax.Precision, str(precision).upper())
+
+
+def _dot_f32(a: jnp.ndarray, b: jnp.ndarray, a_axis: int, b_axis: int, precision=None) -> jnp.ndarray:
     """The 2-D product contracting a's axis a_axis with b's axis b_axis, as float32."""
-    return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _low_precision_matmul(a: jnp.ndarray, b: jnp.ndarray, out_dtype: jnp.dtype, rhs_transposed: bool) -> jnp.ndarray:
-    return _dot_f32(a, b, 1, 1 if rhs_transposed else 0).astype(out_dtype)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_matmul(a: jnp.ndarray, b: jnp.ndarray, out_dtype: jnp.dtype, rhs_transposed: bool,
+                          precision: lax.Precision | None) -> jnp.ndarray:
+    return _dot_f32(a, b, 1, 1 if rhs_transposed else 0, precision).astype(out_dtype)
 
 
-def _low_precision_matmul_fwd(a, b, out_dtype, rhs_transposed):
-    return _low_precision_matmul(a, b, out_dtype, rhs_transposed), (a, b)
+def _low_precision_matmul_fwd(a, b, out_dtype, rhs_transposed, precision):
+    return _low_precision_matmul(a, b, out_dtype, rhs_transposed, precision), (a, b)
 
 
-def _low_precision_matmul_bwd(out_dtype, rhs_transposed, residuals, g):
+def _low_precision_matmul_bwd(out_dtype, rhs_transposed, precision, residuals, g):
     a, b = residuals
     g = g.astype(a.dtype)  # the gradient of a bf16 result is bf16, as under autocast
     if rhs_transposed:  # y = a @ b.T, b (cols, k)
-        return _dot_f32(g, b, 1, 0).astype(a.dtype), _dot_f32(g, a, 0, 0).astype(b.dtype)
-    return _dot_f32(g, b, 1, 1).astype(a.dtype), _dot_f32(a, g, 0, 0).astype(b.dtype)
+        return (_dot_f32(g, b, 1, 0, precision).astype(a.dtype),
+                _dot_f32(g, a, 0, 0, precision).astype(b.dtype))
+    return _dot_f32(g, b, 1, 1, precision).astype(a.dtype), _dot_f32(a, g, 0, 0, precision).astype(b.dtype)
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
@@ -98,13 +114,14 @@ def dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers, precision
     lead, out = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
     inner = math.prod(rhs.shape[:k])
     y = matmul(lhs.reshape(math.prod(lead), inner), rhs.reshape(inner, math.prod(out)),
-               preferred_element_type or jnp.result_type(lhs, rhs))
+               preferred_element_type or jnp.result_type(lhs, rhs), precision=precision)
     return y.reshape(lead + out)
 
 
-def tied_output(rows: jnp.ndarray, embedding: jnp.ndarray) -> jnp.ndarray:
+def tied_output(rows: jnp.ndarray, embedding: jnp.ndarray,
+                precision: lax.Precision | str | None = None) -> jnp.ndarray:
     """Logits through a tied embedding: rows (n, channels) x embedding (vocab, channels)^T -> (n, vocab) float32."""
-    return matmul(rows, embedding, jnp.float32, rhs_transposed=True)
+    return matmul(rows, embedding, jnp.float32, rhs_transposed=True, precision=precision)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Context parallelism: the hybrid layer with its prefix split over a mesh axis equals the unsharded model.
 
+The axis is the one the logical axis `context` maps to in the active logical-axis rules (`model/sharding.py`).
+
 The multi-device checks run this file as a script in a subprocess with 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax starts), which prints its measured
 differences as JSON; the tests assert on them.
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +23,7 @@ from perceiver_ar_jax.model.attention.context_parallel import context_axis_size,
 from perceiver_ar_jax.model.attention.prefix import combine_with_latents, make_projection
 from perceiver_ar_jax.model.masks import cross_attention_mask
 from perceiver_ar_jax.model.positions import apply_rotary, rotary_angles
+from perceiver_ar_jax.model.sharding import DEFAULT_LOGICAL_AXIS_RULES, context_axes
 from tests.conftest import PUBLIC_FIXTURE, REPO, require
 
 TOLERANCE = 1e-5
@@ -53,7 +57,7 @@ def attention_differences(mesh, num_latents, prefix_len, num_pads, use_mask=True
         mask_prefix, mask_latent = split(mask)
         params = {"k_kernel": k_kernel, "v_kernel": v_kernel}
         prefix = context_parallel_prefix_attention(q, x[:, :prefix_len], make_projection(None, jnp.float32), params,
-                                                   angles[:, :prefix_len], mask_prefix, "context", block_size=4)
+                                                   angles[:, :prefix_len], mask_prefix, ("context",), block_size=4)
         k_latent, v_latent = keys_values(x[:, prefix_len:], k_kernel, v_kernel, angles[:, prefix_len:])
         return combine_with_latents(prefix, q, k_latent, v_latent, mask_latent, prefix_len, block_size=4)
 
@@ -77,8 +81,6 @@ def model_differences(mesh_shape, tokens_key, seq_len, prefix_len, use_pad, mesh
 
     shard_params: lay the parameters out by the training rules (partitioning.DEFAULT_LOGICAL_AXIS_RULES).
     """
-    from flax import linen as nn
-
     from perceiver_ar_jax.convert import load_torch_checkpoint
     from perceiver_ar_jax.model import CausalLanguageModel
 
@@ -99,17 +101,18 @@ def model_differences(mesh_shape, tokens_key, seq_len, prefix_len, use_pad, mesh
         return jax.jit(jax.value_and_grad(loss))(params)
 
     mesh = jax.make_mesh(mesh_shape, mesh_axes, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_axes))
-    sharded_config = config.replace(context_parallel_axis=context_axis)
+    # the training rules, in so far as this mesh has their axes (Flax checks every rule's axes against the mesh)
+    fits = lambda axes: all(a in mesh_axes for a in ((axes,) if isinstance(axes, str) else axes or ()))  # noqa: E731
+    rules = (("context", context_axis), *((n, a) for n, a in DEFAULT_LOGICAL_AXIS_RULES if fits(a)))
     with jax.set_mesh(mesh):
         sharded_params = params
         if shard_params:
-            from perceiver_ar_jax.training.partitioning import DEFAULT_LOGICAL_AXIS_RULES
-
             boxed = jax.eval_shape(lambda: CausalLanguageModel(config).init(
                 jax.random.key(0), tokens[:, :32], prefix_len=16)["params"])
             shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, DEFAULT_LOGICAL_AXIS_RULES)
             sharded_params = jax.device_put(params, shardings)
-        loss, grads = loss_and_grads(sharded_config, sharded_params)
+        with nn.logical_axis_rules(rules):  # the prefix is split over the mesh axis of `context`
+            loss, grads = loss_and_grads(config, sharded_params)
     expected_loss, expected_grads = loss_and_grads(config, params)
     grad_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
         jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected_grads), strict=True))
@@ -175,21 +178,60 @@ def test_model_with_a_one_device_context_axis_equals_the_golden_logits(prefix_le
 
     config, params = load_torch_checkpoint(require(PUBLIC_FIXTURE / "hf-safetensors"))
     golden = np.load(PUBLIC_FIXTURE / "forward_cases.npz")
-    model = CausalLanguageModel(config.replace(context_parallel_axis="context"))
+    model = CausalLanguageModel(config)
     mesh = jax.make_mesh((1,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), nn.logical_axis_rules([("context", "context")]):
+        assert context_axes() == ("context",)
         logits = jax.jit(model.apply, static_argnames="prefix_len")({"params": params}, golden["tokens"],
                                                                     prefix_len=prefix_len)
     np.testing.assert_allclose(logits, golden[f"logits_p{prefix_len}"], rtol=0, atol=1e-4)
 
 
 def test_missing_mesh_axis_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="context_parallel_axis='context' is not an axis of the current mesh"):
-        context_axis_size("context")
+    with pytest.raises(ValueError, match="context axis 'context' is not an axis of the current mesh"):
+        context_axis_size(("context",))
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"axes: \('data',\)"):
-        context_axis_size("context")
+        context_axis_size(("context",))
+
+
+def test_the_context_axes_come_from_the_rules_and_the_mesh():
+    mesh = jax.make_mesh((1, 1), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    assert context_axes() == ()  # no mesh: nothing is split
+    with jax.set_mesh(mesh):
+        assert context_axes() == ()  # the default rules map `context` to no mesh axis
+        with nn.logical_axis_rules([("context", "tensor"), ("heads", "tensor")]):
+            assert context_axes() == ("tensor",)
+        with nn.logical_axis_rules([("context", ("data", "tensor"))]):
+            assert context_axes() == ("data", "tensor")
 
 
 if __name__ == "__main__":
     main()
+
+
+def test_a_config_with_the_old_context_parallel_axis_field_still_loads():
+    """Earlier versions named the mesh axis in the model config; it is now the logical axis `context`."""
+    import warnings
+
+    from perceiver_ar_jax.checkpoints.model_directory import config_from_json
+    from perceiver_ar_jax.model import CausalLanguageModelConfig
+    from perceiver_ar_jax.training import check_config, partitioning
+    from tests.synthetic_data import tiny_train_config
+
+    with pytest.warns(FutureWarning, match=r"the rule \('context', 'tensor'\)"):
+        config = CausalLanguageModelConfig.from_dict({"num_heads": 4, "context_parallel_axis": "tensor"}, strict=True)
+    assert config.num_heads == 4 and "context_parallel_axis" not in config.to_dict()
+    old_json = json.dumps({"model_type": "perceiver-ar-jax",
+                           "model_config": {**CausalLanguageModelConfig().to_dict(), "context_parallel_axis": None}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # None (the old default) loads silently
+        assert config_from_json(old_json) == CausalLanguageModelConfig()
+
+    train_config = tiny_train_config()
+    assert partitioning.logical_axis_rules(train_config)[-1] == ("context", None)
+    train_config.model.context_parallel_axis = "tensor"  # an old training config file
+    with pytest.warns(FutureWarning):
+        check_config(train_config)
+    rules = partitioning.logical_axis_rules(train_config)
+    assert rules[0] == ("context", "tensor") and rules[1:] == DEFAULT_LOGICAL_AXIS_RULES

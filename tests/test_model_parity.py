@@ -35,6 +35,9 @@ def test_public_fixture_logits_match_in_every_checkpoint_format(public_fixture, 
     if checkpoint != "hf-safetensors":
         pytest.importorskip("torch", reason="pickle checkpoints need the torch extra")
     config, params = load_torch_checkpoint(public_fixture / checkpoint)
+    # float32 products at full precision ("auto" -> "highest"): what keeps 1e-4 on TPU (one bf16 pass by default)
+    # and GPU (TF32) as on CPU
+    assert config.matmul_precision == "auto" and config.precision == "highest"
     apply = compiled(CausalLanguageModel(config))
     golden = np.load(public_fixture / "forward_cases.npz")
     for case, tokens, prefix_len, pad_mask in PUBLIC_CASES:
@@ -52,7 +55,7 @@ def test_logits_match_reference_for_config_options(name):
     config, params = load_torch_checkpoint(directory)
     expected_config = json.loads((directory / "config.json").read_text())["model_config"]
     assert {k: getattr(config, k) for k in expected_config} == expected_config
-    apply = compiled(CausalLanguageModel(config))
+    apply = compiled(CausalLanguageModel(config.replace(matmul_precision="highest")))
     golden = np.load(directory / "cases.npz")
     for case in json.loads((directory / "cases.json").read_text())["cases"]:
         pad_mask = golden[case["name"] + "_pad_mask"] if case["has_pad_mask"] else None

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from perceiver_ar_jax import backend
 from perceiver_ar_jax.model.config import CausalLanguageModelConfig
 from perceiver_ar_jax.model.layers import HybridCrossAttentionLayer, SelfAttentionLayer, layer_norm, remat
-from perceiver_ar_jax.model.masks import causal_mask, cross_attention_mask, prefix_keep_indices
+from perceiver_ar_jax.model.masks import AttentionMask, prefix_keep_indices
 from perceiver_ar_jax.model.positions import positions, rotary_angles
 
 
@@ -86,10 +86,11 @@ class CausalLanguageModel(nn.Module):
 
         num_latents = seq_len - prefix_len
         key_pad = None if pad_mask is None else jnp.concatenate([prefix_pad, pad_mask[:, prefix_len:]], axis=1)
-        mask = cross_attention_mask(num_latents, x_prefix.shape[1] + num_latents, key_pad)
+        # what each kernel implements: right-aligned causal with pad keys hidden (masks.AttentionMask)
+        mask = AttentionMask(num_latents, x_prefix.shape[1] + num_latents, causal=True, key_pad=key_pad)
         x_latent = self.cross_attention_layer(x_latent, x_prefix, latent_angles, prefix_angles, mask, deterministic)
 
-        mask = causal_mask(num_latents, num_latents)
+        mask = AttentionMask(num_latents, num_latents, causal=True)  # no pad mask here, as in perceiver-io
         for layer in self.self_attention_layers:
             x_latent, _ = layer(x_latent, latent_angles, mask, deterministic)
         return self.logits(x_latent)
@@ -132,7 +133,7 @@ class CausalLanguageModel(nn.Module):
         batch_size, num_latents, channels = x_latent.shape
         rows = x_latent.astype(self.config.dtype).reshape(-1, channels)
         embedding = self.token_embedding.embedding.astype(self.config.dtype)
-        logits = backend.tied_output(rows, embedding).reshape(batch_size, num_latents, -1)
+        logits = backend.tied_output(rows, embedding, self.config.precision).reshape(batch_size, num_latents, -1)
         if self.config.output_bias:
             logits = logits + self.output_bias.astype(jnp.float32)
         return logits

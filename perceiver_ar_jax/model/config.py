@@ -3,12 +3,19 @@
 The first block of fields has the names, defaults and meaning of perceiver-io 0.11's `CausalLanguageModelConfig`
 (`perceiver.model.core.config.CausalSequenceModelConfig` and its base `PerceiverARConfig`), so a `model_config`
 dict from a perceiver-io `config.json` or Lightning `hyper_parameters` maps onto it directly. The second block only
-changes how the same maths is executed (dtypes, rematerialisation, attention kernel), never what it computes.
+changes how the same maths is executed (dtypes, matmul precision, rematerialisation, attention kernel), never what
+it computes.
+
+Context parallelism is not a model field: the hybrid layer splits its prefix over the mesh axes that the logical
+axis `context` maps to in the active logical-axis rules (`model/sharding.py`). An older config that still has
+`context_parallel_axis` loads (`from_dict` drops it with a warning; a training config's is turned into the rule
+`("context", axis)` by `training.partitioning.logical_axis_rules`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +27,11 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "everything_saveable",
 )
-ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
+# fields of earlier versions that are read and dropped (see the module docstring)
+LEGACY_FIELDS = ("context_parallel_axis",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +61,13 @@ class CausalLanguageModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations (softmax and norms stay float32)
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "nothing_saveable"  # jax.checkpoint_policies name used when activation_checkpointing
-    attention_impl: str = "auto"  # "xla" dense, "blockwise" online softmax, "splash" TPU kernel, "auto" picks
+    # precision of every matrix product (lax.Precision): "default" (TPU: one bf16 pass for float32 operands; GPU:
+    # TF32), "high" (TPU: three bf16 passes; GPU: TF32), "highest" (full float32); "auto": "highest" when dtype is
+    # float32 (perceiver-io's float32 results to 1e-4 on every backend), else "default" (bf16 products are exact)
+    matmul_precision: str = "auto"
+    # "xla" dense, "blockwise" online softmax, "splash" TPU kernel, "cudnn" GPU flash attention, "auto" picks
+    attention_impl: str = "auto"
     attention_block_size: int = 512  # key block length of the blockwise attention
-    context_parallel_axis: str | None = None  # mesh axis the hybrid layer's prefix is split over (None: not split)
 
     def __post_init__(self):
         self.validate()
@@ -68,6 +82,13 @@ class CausalLanguageModelConfig:
     def num_rotated_channels(self) -> int:
         """Channels per head rotated by the rotary embedding: all of them, or the first half with abs_pos_emb."""
         return self.head_dim // 2 if self.abs_pos_emb else self.head_dim
+
+    @property
+    def precision(self) -> str:
+        """matmul_precision with "auto" resolved: "highest" for float32 compute, else "default"."""
+        if self.matmul_precision != "auto":
+            return self.matmul_precision
+        return "highest" if self.dtype == "float32" else "default"
 
     @property
     def max_prefix_len(self) -> int:
@@ -114,9 +135,7 @@ class CausalLanguageModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"one of {REMAT_POLICIES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"one of {ATTENTION_IMPLS}")
-        need(self.context_parallel_axis is None or (isinstance(self.context_parallel_axis, str)
-                                                    and self.context_parallel_axis != ""),
-             "context_parallel_axis", "None or a mesh axis name")
+        need(self.matmul_precision in MATMUL_PRECISIONS, "matmul_precision", f"one of {MATMUL_PRECISIONS}")
 
     # ------------------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> CausalLanguageModelConfig:
@@ -132,9 +151,16 @@ class CausalLanguageModelConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], strict: bool = False) -> CausalLanguageModelConfig:
         """Build from a dict; unknown keys are an error with strict=True, else ignored (like perceiver-io's
-        `create`, which also drops the Lightning-only hyper-parameters such as `validation_sample_prompt`)."""
+        `create`, which also drops the Lightning-only hyper-parameters such as `validation_sample_prompt`).
+        LEGACY_FIELDS are accepted and dropped; a context_parallel_axis that was set is named in a warning."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        axis = values.get("context_parallel_axis")
+        if axis is not None:
+            warnings.warn(f"model config context_parallel_axis={axis!r} is no longer a model field: the prefix is "
+                          f"split over the mesh axes of the logical axis 'context', e.g. the rule ('context', "
+                          f"{axis!r}) first in mesh.logical_axis_rules (training configs that still set "
+                          "model.context_parallel_axis get that rule)", FutureWarning, stacklevel=2)
+        unknown = sorted(set(values) - known - set(LEGACY_FIELDS))
         if strict and unknown:
             raise ConfigError.unknown(unknown[0], values[unknown[0]], known)
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -142,5 +168,5 @@ class CausalLanguageModelConfig:
 
 PERCEIVER_IO_FIELDS = tuple(
     f.name for f in dataclasses.fields(CausalLanguageModelConfig) if f.name not in
-    ("dtype", "param_dtype", "remat_policy", "attention_impl", "attention_block_size", "context_parallel_axis")
+    ("dtype", "param_dtype", "remat_policy", "matmul_precision", "attention_impl", "attention_block_size")
 )

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from perceiver_ar_jax import backend
 from perceiver_ar_jax.model.attention import CachedKeysValues, MultiHeadAttention
 from perceiver_ar_jax.model.config import CausalLanguageModelConfig
+from perceiver_ar_jax.model.masks import Mask
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default
 
@@ -51,6 +52,7 @@ def attention(config: CausalLanguageModelConfig, out_bias: bool) -> MultiHeadAtt
         param_dtype=config.param_dtype,
         attention_impl=config.attention_impl,
         attention_block_size=config.attention_block_size,
+        precision=config.precision,
         name="attention",
     )
 
@@ -67,7 +69,7 @@ class MLP(nn.Module):
         init = nn.initializers.normal(stddev=cfg.init_scale)
         dense = lambda features, axes, name: nn.Dense(  # noqa: E731
             features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=backend.dot_general,
-            kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+            precision=cfg.precision, kernel_init=nn.with_logical_partitioning(init, axes), name=name)
         h = layer_norm("norm", cfg)(x)
         h = dense(self.widening_factor * cfg.num_channels, ("embed", "mlp"), "fc1")(h)
         # in float32: XLA:CPU has no bf16 elementwise maths, and converting is what it would do anyway
@@ -103,14 +105,15 @@ class HybridCrossAttentionLayer(nn.Module):
         x_prefix: jnp.ndarray,
         latent_angles: jnp.ndarray,
         prefix_angles: jnp.ndarray,
-        mask: jnp.ndarray,
+        mask: Mask,
         deterministic: bool = True,
     ) -> jnp.ndarray:
         """x_latent (batch, latents, channels), x_prefix (batch, prefix, channels); angles (batch, ., rotated);
-        mask broadcastable to (batch, heads, latents, prefix + latents). Returns (batch, latents, channels)."""
+        mask: an AttentionMask of latents x (prefix + latents), or a bool array broadcastable to (batch, heads,
+        latents, prefix + latents). Returns (batch, latents, channels)."""
         # keys/values of [kv_norm(prefix), q_norm(latents)]; a long prefix is normalised block by block there
         h = self.attention.hybrid(self.q_norm(x_latent), x_prefix, latent_angles, prefix_angles, mask, self.kv_norm,
-                                  self.config.context_parallel_axis, deterministic)
+                                  deterministic)
         return residual_block(self, x_latent, h, deterministic)
 
     def keys_values(self, x: jnp.ndarray, angles: jnp.ndarray, is_prefix: jnp.ndarray | bool) -> KeysValues:
@@ -147,7 +150,7 @@ class SelfAttentionLayer(nn.Module):
         self.mlp = MLP(cfg, cfg.self_attention_widening_factor, name="mlp")
         self.residual_dropout = nn.Dropout(cfg.residual_dropout)
 
-    def __call__(self, x: jnp.ndarray, angles: jnp.ndarray, mask: jnp.ndarray | None, deterministic: bool = True,
+    def __call__(self, x: jnp.ndarray, angles: jnp.ndarray, mask: Mask, deterministic: bool = True,
                  cache: CachedKeysValues | None = None) -> tuple[jnp.ndarray, KeysValues]:
         """x (batch, n, channels); angles (batch, n, rotated), used only if self.rotary; mask: among x's tokens.
 

@@ -18,6 +18,7 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -110,7 +111,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
     model_config = check_config(config)  # every value, before the mesh is built
     mesh = partitioning.create_mesh(config.mesh)
     check_config(config, partitioning.num_batch_shards(mesh), jax.process_count())  # and what the mesh needs
-    rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+    rules = partitioning.logical_axis_rules(config)
 
     tokenizer = None
     if config.tokenizer_dir:
@@ -151,11 +152,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
             batch_sharding = partitioning.batch_sharding(mesh)
             replicated = partitioning.replicated(mesh)
             p_train_step = jax.jit(
-                lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
-                                        num_microbatches=config.grad_accum_steps, z_loss_weight=config.z_loss_weight),
+                with_rules(rules, lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
+                                                          num_microbatches=config.grad_accum_steps,
+                                                          z_loss_weight=config.z_loss_weight)),
                 in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                 donate_argnums=(0,))
-            p_eval_step = jax.jit(lambda p, b: eval_step(p, b, model=model),
+            p_eval_step = jax.jit(with_rules(rules, lambda p, b: eval_step(p, b, model=model)),
                                   in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
             loop = _Loop(config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
                          schedule, start_writing)
@@ -165,6 +167,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
                 loop.close()
             else:
                 checkpoints.close()
+
+
+def with_rules(rules, step: Callable) -> Callable:
+    """step, traced with the logical-axis rules as Flax's context: the model lays out its attention kernels (and
+    context parallelism) by them (model/sharding.py)."""
+
+    def traced(*args):
+        with nn.logical_axis_rules(rules):
+            return step(*args)
+
+    return traced
 
 
 class _Loop:

@@ -5,7 +5,9 @@ parameters and optimizer state sharded, ZeRO-3 style) and `tensor` (heads, MLP w
 devices, Megatron style). Their sizes come from the config as ICI sizes (within a slice) and DCN sizes (across
 slices), -1 meaning "all the devices left". Parameters carry logical axis names (embed, heads, kv, mlp, vocab); the
 config's logical-axis rules map those names onto mesh axes. A batch is split along its first axis over
-(data, fsdp) and replicated over tensor.
+(data, fsdp) and replicated over tensor. The training loop also sets the rules as Flax's context
+(`nn.logical_axis_rules`), where the model reads the activation axes of its attention kernels and context
+parallelism (`model/sharding.py`: `batch`, `heads`, `context`).
 """
 
 from __future__ import annotations
@@ -23,19 +25,25 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from perceiver_ar_jax.errors import check
+from perceiver_ar_jax.model.sharding import DEFAULT_LOGICAL_AXIS_RULES as DEFAULT_LOGICAL_AXIS_RULES  # re-export
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical name -> mesh axes. "batch" is the leading axis of input batches; the rest are the model's parameter axes.
-DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-)
+
+def logical_axis_rules(config) -> tuple[tuple[str, Any], ...]:
+    """config.mesh.logical_axis_rules as a tuple of (logical name, mesh axes) rules.
+
+    A config of an earlier version that sets `model.context_parallel_axis` (the mesh axis to split the prefix over,
+    now the logical axis `context`) gets the rule ("context", that axis) in front of the others.
+    """
+    rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+    axis = config.model.get("context_parallel_axis")
+    if axis:
+        logging.warning("model.context_parallel_axis=%r is replaced by the logical-axis rule ('context', %r), "
+                        "used for this run; set it in mesh.logical_axis_rules instead", axis, axis)
+        rules = (("context", axis), *rules)
+    return rules
 
 
 # ----------------------------------------------------------------------------------------------------------------

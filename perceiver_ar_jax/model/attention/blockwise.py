@@ -38,14 +38,16 @@ def blockwise_attention(
     block_size: int = 512,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    precision: jax.lax.Precision | None = None,
 ) -> jnp.ndarray:
     """Softmax attention computed `block_size` keys at a time.
 
     q: (batch, queries, heads, head_dim), already scaled and rotated; k, v: (batch, keys, heads, head_dim);
     mask: bool broadcastable to (batch, heads, queries, keys), True = may attend, or None; dropout_rate in [0, 1)
-    with dropout_rng a PRNG key (both or neither). Returns (batch, queries, heads, head_dim) in v's dtype.
+    with dropout_rng a PRNG key (both or neither); precision: of every product, forward and backward.
+    Returns (batch, queries, heads, head_dim) in v's dtype.
     """
-    out, _ = blockwise_attention_with_lse(q, k, v, mask, block_size, dropout_rate, dropout_rng)
+    out, _ = blockwise_attention_with_lse(q, k, v, mask, block_size, dropout_rate, dropout_rng, precision)
     return out.astype(v.dtype)
 
 
@@ -57,6 +59,7 @@ def blockwise_attention_with_lse(
     block_size: int = 512,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    precision: jax.lax.Precision | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Blockwise attention that also returns the log-sum-exp of each query's (masked) scores.
 
@@ -67,7 +70,7 @@ def blockwise_attention_with_lse(
     """
     check_attention_args(q, k, v, mask, block_size, dropout_rate, dropout_rng)
     mask = mask_4d(mask)
-    return _attention(q, k, v, mask, dropout_rng, block_size, float(dropout_rate))
+    return _attention(q, k, v, mask, dropout_rng, block_size, float(dropout_rate), precision)
 
 
 def merge_partial_attention(
@@ -126,9 +129,9 @@ def key_slice(x: jnp.ndarray, start, size: int, axis: int) -> jnp.ndarray:
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _block_scores(q, k_block, mask_block):
+def _block_scores(q, k_block, mask_block, precision):
     """(batch, heads, queries, block) float32 scores, masked ones set to MASKED_SCORE."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_block, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_block, preferred_element_type=jnp.float32, precision=precision)
     return s if mask_block is None else jnp.where(mask_block, s, MASKED_SCORE)
 
 
@@ -156,7 +159,7 @@ KeyBlockFn = Callable[[Any, int], tuple[jnp.ndarray, jnp.ndarray]]
 
 
 def online_softmax_forward(q, num_keys: int, key_block: KeyBlockFn, mask, rng, block_size: int, rate: float,
-                           sum_values: bool = False):
+                           sum_values: bool = False, precision: jax.lax.Precision | None = None):
     """Forward pass over key blocks. key_block(start, length) -> k, v (batch, length, heads, head_dim), k rotated.
 
     Returns out (batch, heads, queries, head_dim) float32, the final running max and sum (batch, heads, queries),
@@ -169,14 +172,15 @@ def online_softmax_forward(q, num_keys: int, key_block: KeyBlockFn, mask, rng, b
         row_max, row_sum, acc, *value_sum = carry  # (b, h, q), (b, h, q), (b, h, q, d)[, (b, h, d)]
         k_block, v_block = key_block(start, length)
         mask_block = None if mask is None else key_slice(mask, start, length, 3)
-        s = _block_scores(q, k_block, mask_block)
+        s = _block_scores(q, k_block, mask_block, precision)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
         p = jnp.exp(s - new_max[..., None])
         alpha = jnp.exp(row_max - new_max)  # rescales what earlier blocks accumulated to the new maximum
         row_sum = alpha * row_sum + jnp.sum(p, axis=-1)
         if rate > 0.0:
             p = jnp.where(_keep_mask(rng, index, rate, p.shape), p / (1.0 - rate), 0.0)
-        pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_block.dtype), v_block, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_block.dtype), v_block, preferred_element_type=jnp.float32,
+                        precision=precision)
         value_sum = [total + jnp.sum(v_block.astype(jnp.float32), axis=1) for total in value_sum]
         return new_max, row_sum, alpha[..., None] * acc + pv, *value_sum
 
@@ -190,7 +194,7 @@ def online_softmax_forward(q, num_keys: int, key_block: KeyBlockFn, mask, rng, b
 
 
 def online_softmax_backward(q, num_keys: int, key_block: Callable, mask, rng, block_size: int, rate: float,
-                            forward, cotangents, key_grads, add_key_grads):
+                            forward, cotangents, key_grads, add_key_grads, precision=None):
     """Backward pass over key blocks, recomputing each block's probabilities from the saved max and sum.
 
     key_block(start, length) -> k, v, aux: the block's keys and values as in the forward pass, and anything
@@ -212,9 +216,9 @@ def online_softmax_backward(q, num_keys: int, key_block: Callable, mask, rng, bl
         dq, key_grads = carry
         k_block, v_block, aux = key_block(start, length)
         mask_block = None if mask is None else key_slice(mask, start, length, 3)
-        s = _block_scores(q, k_block, mask_block)
+        s = _block_scores(q, k_block, mask_block, precision)
         p = jnp.exp(s - row_max[..., None]) / row_sum[..., None]  # exact, also for all-masked rows
-        dp = jnp.einsum("bhqd,bkhd->bhqk", d_out, v_block.astype(jnp.float32))
+        dp = jnp.einsum("bhqd,bkhd->bhqk", d_out, v_block.astype(jnp.float32), precision=precision)
         p_used = p
         if rate > 0.0:
             keep = _keep_mask(rng, index, rate, p.shape)
@@ -223,9 +227,9 @@ def online_softmax_backward(q, num_keys: int, key_block: Callable, mask, rng, bl
         ds = p * (dp - row_term[..., None])
         if mask_block is not None:
             ds = jnp.where(mask_block, ds, 0.0)  # masked scores are constants: no gradient to q, k
-        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, k_block.astype(jnp.float32))
-        dk_block = jnp.einsum("bhqk,bqhd->bkhd", ds, q32)
-        dv_block = jnp.einsum("bhqk,bhqd->bkhd", p_used, d_out)
+        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, k_block.astype(jnp.float32), precision=precision)
+        dk_block = jnp.einsum("bhqk,bqhd->bkhd", ds, q32, precision=precision)
+        dv_block = jnp.einsum("bhqk,bhqd->bkhd", p_used, d_out, precision=precision)
         return dq, add_key_grads(key_grads, start, length, dk_block, dv_block, aux)
 
     return _loop_blocks(step, (jnp.zeros(q.shape, jnp.float32), key_grads), size, num_full, tail)
@@ -237,22 +241,23 @@ def lse_of(row_max, row_sum):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, mask, rng, block_size, rate):
-    return _attention_fwd(q, k, v, mask, rng, block_size, rate)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, mask, rng, block_size, rate, precision):
+    return _attention_fwd(q, k, v, mask, rng, block_size, rate, precision)[0]
 
 
 def _slices(k, v):
     return lambda start, length: (key_slice(k, start, length, 1), key_slice(v, start, length, 1))
 
 
-def _attention_fwd(q, k, v, mask, rng, block_size, rate):
-    out, row_max, row_sum = online_softmax_forward(q, k.shape[1], _slices(k, v), mask, rng, block_size, rate)
+def _attention_fwd(q, k, v, mask, rng, block_size, rate, precision):
+    out, row_max, row_sum = online_softmax_forward(q, k.shape[1], _slices(k, v), mask, rng, block_size, rate,
+                                                   precision=precision)
     primal = jnp.transpose(out, (0, 2, 1, 3)), lse_of(row_max, row_sum)
     return primal, (q, k, v, mask, rng, out, row_max, row_sum)
 
 
-def _attention_bwd(block_size, rate, residuals, cotangents):
+def _attention_bwd(block_size, rate, precision, residuals, cotangents):
     q, k, v, mask, rng, *forward = residuals
 
     def add_key_grads(grads, start, length, dk_block, dv_block, _):
@@ -263,7 +268,7 @@ def _attention_bwd(block_size, rate, residuals, cotangents):
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     key_block = lambda start, length: (*_slices(k, v)(start, length), None)  # noqa: E731
     dq, (dk, dv) = online_softmax_backward(q, k.shape[1], key_block, mask, rng, block_size, rate, forward,
-                                           cotangents, zeros, add_key_grads)
+                                           cotangents, zeros, add_key_grads, precision)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from perceiver_ar_jax.model.masks import causal_mask
+from perceiver_ar_jax.model.masks import AttentionMask, causal_mask
 
 # What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
 # all-masked row stays finite).
@@ -29,26 +29,29 @@ def dense_attention(
     mask: jnp.ndarray | None,
     dropout: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
     max_heads_parallel: int | None = None,
+    precision: jax.lax.Precision | str | None = None,
 ) -> jnp.ndarray:
     """Softmax attention that materialises the (queries x keys) scores, `max_heads_parallel` heads at a time.
 
     q: (batch, queries, heads, head_dim), already scaled and rotated; k, v: (batch, keys, heads, head_dim);
     mask: bool, broadcastable to (batch, heads, queries, keys), True = may attend; dropout: applied to the
-    probabilities. Returns (batch, queries, heads, head_dim) in v's dtype.
+    probabilities; precision: of both products (lax.Precision). Returns (batch, queries, heads, head_dim) in v's
+    dtype.
     """
     num_heads = q.shape[2]
     chunk = num_heads if max_heads_parallel is None else min(max_heads_parallel, num_heads)
     outputs = []
     for start in range(0, num_heads, chunk):
         heads = slice(start, start + chunk)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, heads], k[:, :, heads], preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, heads], k[:, :, heads], preferred_element_type=jnp.float32,
+                            precision=precision)
         if mask is not None:
             head_mask = mask if mask.shape[1] == 1 else mask[:, heads]
             scores = jnp.where(head_mask, scores, MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1)
         if dropout is not None:
             probs = dropout(probs)
-        outputs.append(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v[:, :, heads]))
+        outputs.append(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v[:, :, heads], precision=precision))
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
 
 
@@ -59,6 +62,7 @@ def cached_attention(
     cache_mask: jnp.ndarray,
     own_keys: jnp.ndarray | None = None,
     own_values: jnp.ndarray | None = None,
+    precision: jax.lax.Precision | str | None = None,
 ) -> jnp.ndarray:
     """`dense_attention` of new queries over cached keys/values and (optionally) their own keys/values.
 
@@ -67,29 +71,43 @@ def cached_attention(
     own_keys, own_values (batch, queries, heads, head_dim) or None: the queries' own tokens, after every cached
     one, seen causally (a query sees its own key and those of the queries before it). Returns (batch, queries,
     heads, head_dim) in the cached values' dtype; the same as dense attention over the concatenated keys.
+    precision: of every product.
     """
+    einsum = lambda *args, **kwargs: jnp.einsum(*args, precision=precision, **kwargs)  # noqa: E731
     if q.shape[1] == 1:  # one new token (a decoding step): products of vectors, no query axis
-        scores = jnp.einsum("bhd,bhds->bhs", q[:, 0], cached_keys, preferred_element_type=jnp.float32)
+        scores = einsum("bhd,bhds->bhs", q[:, 0], cached_keys, preferred_element_type=jnp.float32)
         scores = jnp.where(cache_mask[:, 0], scores, MASKED_SCORE)
         if own_keys is not None:
-            own = jnp.einsum("bhd,bhd->bh", q[:, 0], own_keys[:, 0], preferred_element_type=jnp.float32)
+            own = einsum("bhd,bhd->bh", q[:, 0], own_keys[:, 0], preferred_element_type=jnp.float32)
             scores = jnp.concatenate([scores, own[..., None]], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(cached_values.dtype)
         slots = cached_values.shape[2]
-        o = jnp.einsum("bhs,bhsd->bhd", probs[..., :slots], cached_values)
+        o = einsum("bhs,bhsd->bhd", probs[..., :slots], cached_values)
         if own_keys is not None:
             o = o + probs[..., slots:] * own_values[:, 0].astype(o.dtype)
         return o[:, None]
 
-    scores = jnp.einsum("bqhd,bhds->bhqs", q, cached_keys, preferred_element_type=jnp.float32)
+    scores = einsum("bqhd,bhds->bhqs", q, cached_keys, preferred_element_type=jnp.float32)
     scores = jnp.where(cache_mask, scores, MASKED_SCORE)
     num_queries, slots = q.shape[1], cached_values.shape[2]
     if own_keys is not None:
-        own = jnp.einsum("bqhd,bkhd->bhqk", q, own_keys, preferred_element_type=jnp.float32)
+        own = einsum("bqhd,bkhd->bhqk", q, own_keys, preferred_element_type=jnp.float32)
         own = jnp.where(causal_mask(num_queries, num_queries), own, MASKED_SCORE)
         scores = jnp.concatenate([scores, own], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(cached_values.dtype)
-    o = jnp.einsum("bhqs,bhsd->bqhd", probs[..., :slots], cached_values)
+    o = einsum("bhqs,bhsd->bqhd", probs[..., :slots], cached_values)
     if own_keys is not None:
-        o = o + jnp.einsum("bhqk,bkhd->bqhd", probs[..., slots:], own_values.astype(o.dtype))
+        o = o + einsum("bhqk,bkhd->bqhd", probs[..., slots:], own_values.astype(o.dtype))
     return o
+
+
+def uniform_where_no_visible_key(out: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask | None) -> jnp.ndarray:
+    """perceiver-io's rule, for kernels that skip masked blocks: a query that sees no key (a pad latent with
+    prefix 0) attends uniformly to ALL keys. out (batch, queries, heads, head_dim), v (batch, keys, heads,
+    head_dim); returns out with those rows replaced by the mean of v (a `where`, so their gradient is the mean's,
+    as in the dense path)."""
+    rows = None if mask is None else mask.no_visible_key()
+    if rows is None:
+        return out
+    mean_v = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(out.dtype)  # (batch, 1, heads, d)
+    return jnp.where(rows[:, :, None, None], mean_v, out)

@@ -60,12 +60,12 @@ class PrefixAttention(NamedTuple):
     value_sum: jnp.ndarray
 
 
-def make_projection(norm: nn.Module | None, dtype: Any) -> ProjectFn:
+def make_projection(norm: nn.Module | None, dtype: Any, precision: jax.lax.Precision | None = None) -> ProjectFn:
     """The hybrid layer's prefix keys and values before rotation: (norm) -> x @ k_kernel, x @ v_kernel.
 
     params: {"k_kernel", "v_kernel": (channels, heads, head_dim), and "norm": the LayerNorm's params if norm is
     given}. norm: an unbound LayerNorm (the model's kv_norm, `.clone(parent=None)`), so the maths is the module's
-    own; dtype: the compute dtype of the projection.
+    own; dtype: the compute dtype of the projection; precision: of its products.
     """
 
     def project(params, x):
@@ -73,8 +73,8 @@ def make_projection(norm: nn.Module | None, dtype: Any) -> ProjectFn:
             x = norm.apply({"params": params["norm"]}, x)
         x = x.astype(dtype)
         dims = (((x.ndim - 1,), (0,)), ((), ()))  # (batch, keys, channels) x (channels, heads, head_dim)
-        return (backend.dot_general(x, params["k_kernel"].astype(dtype), dims),
-                backend.dot_general(x, params["v_kernel"].astype(dtype), dims))
+        return (backend.dot_general(x, params["k_kernel"].astype(dtype), dims, precision=precision),
+                backend.dot_general(x, params["v_kernel"].astype(dtype), dims, precision=precision))
 
     return project
 
@@ -89,6 +89,7 @@ def prefix_attention(
     block_size: int = 512,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    precision: jax.lax.Precision | None = None,
 ) -> PrefixAttention:
     """Attend from q to the keys and values that `project` makes from x_prefix, block by block.
 
@@ -96,13 +97,13 @@ def prefix_attention(
     see `make_projection`; prefix_angles: (batch, prefix, rotated) rotary angles the keys are rotated by, or None;
     mask: bool
     broadcastable to (batch, heads, latents, prefix), True = may attend, or None. Dropout as in
-    `blockwise_attention`. Gradients flow to q, x_prefix and params.
+    `blockwise_attention`; precision: of the attention's products. Gradients flow to q, x_prefix and params.
     """
     key_shape = jax.ShapeDtypeStruct(x_prefix.shape[:2] + q.shape[2:], q.dtype)
     check_attention_args(q, key_shape, key_shape, mask, block_size, dropout_rate, dropout_rng)
     mask = mask_4d(mask)
     out, lse, value_sum = _attention(q, x_prefix, params, prefix_angles, mask, dropout_rng, project, block_size,
-                                     float(dropout_rate))
+                                     float(dropout_rate), precision)
     return PrefixAttention(out, lse, None if mask is None else jnp.any(mask, axis=-1), value_sum)
 
 
@@ -116,6 +117,7 @@ def combine_with_latents(
     block_size: int = 512,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    precision: jax.lax.Precision | None = None,
 ) -> jnp.ndarray:
     """Attention of q to [prefix, latents] from the prefix part and the latent keys.
 
@@ -123,7 +125,8 @@ def combine_with_latents(
     prefix_len: the number of real prefix keys (for the uniform average of all-masked rows).
     Returns (batch, latents, heads, head_dim) float32.
     """
-    latent = blockwise_attention_with_lse(q, k_latent, v_latent, mask_latent, block_size, dropout_rate, dropout_rng)
+    latent = blockwise_attention_with_lse(q, k_latent, v_latent, mask_latent, block_size, dropout_rate, dropout_rng,
+                                          precision)
     out, _ = merge_partial_attention([(prefix.out, prefix.lse), latent])
     if prefix.visible is None and mask_latent is None:
         return out
@@ -150,19 +153,20 @@ def _rotate(k, angles, start, length, sign=1.0):
     return k if angles is None else apply_rotary(k, sign * key_slice(angles, start, length, 1))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _attention(q, x, params, angles, mask, rng, project, block_size, rate):
-    return _attention_fwd(q, x, params, angles, mask, rng, project, block_size, rate)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _attention(q, x, params, angles, mask, rng, project, block_size, rate, precision):
+    return _attention_fwd(q, x, params, angles, mask, rng, project, block_size, rate, precision)[0]
 
 
-def _attention_fwd(q, x, params, angles, mask, rng, project, block_size, rate):
+def _attention_fwd(q, x, params, angles, mask, rng, project, block_size, rate, precision):
     out, row_max, row_sum, value_sum = online_softmax_forward(
-        q, x.shape[1], _key_blocks(project, params, x, angles), mask, rng, block_size, rate, sum_values=True)
+        q, x.shape[1], _key_blocks(project, params, x, angles), mask, rng, block_size, rate, sum_values=True,
+        precision=precision)
     primal = jnp.transpose(out, (0, 2, 1, 3)), lse_of(row_max, row_sum), value_sum
     return primal, (q, x, params, angles, mask, rng, out, row_max, row_sum)
 
 
-def _attention_bwd(project, block_size, rate, residuals, cotangents):
+def _attention_bwd(project, block_size, rate, precision, residuals, cotangents):
     q, x, params, angles, mask, rng, *forward = residuals
     d_out, d_lse, d_value_sum = cotangents
     d_value_sum = d_value_sum.astype(jnp.float32)[:, None]  # every value adds to the sum: (b, 1, h, d)
@@ -182,7 +186,7 @@ def _attention_bwd(project, block_size, rate, residuals, cotangents):
 
     zeros = (jnp.zeros(x.shape, x.dtype), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     dq, (dx, d_params) = online_softmax_backward(q, x.shape[1], key_block, mask, rng, block_size, rate, forward,
-                                                 (d_out, d_lse), zeros, add_key_grads)
+                                                 (d_out, d_lse), zeros, add_key_grads, precision)
     d_params = jax.tree.map(lambda g, p: g.astype(p.dtype), d_params, params)
     # rotary angles come from integer positions: no gradient
     d_angles = None if angles is None else jnp.zeros_like(angles)
