@@ -15,7 +15,7 @@ import numpy as np
 
 from perceiver_ar_jax.model import CausalLanguageModelConfig
 from perceiver_ar_jax.sampling.config import GenerationConfig
-from perceiver_ar_jax.sampling.request import Decoding, settings, unwrap_params
+from perceiver_ar_jax.sampling.request import Decoding, decoding_params, settings, unwrap_params
 
 
 class Generator:
@@ -27,6 +27,14 @@ class Generator:
 
     def __init__(self, config: CausalLanguageModelConfig, params: Any, tokenizer: Any):
         self.config, self.params, self.tokenizer = config, unwrap_params(params), tokenizer
+        self._prepared: dict[str, Any] = {}  # weights format -> decoding_params, made once
+
+    def _params_for(self, decoding: Decoding) -> Any:
+        weights = decoding.generation.weights
+        if weights not in self._prepared:
+            self._prepared.clear()  # one prepared copy at a time
+            self._prepared[weights] = decoding_params(self.params, self.config, weights, remember=False)
+        return self._prepared[weights]
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> Generator:
@@ -63,7 +71,7 @@ class Generator:
         prompt_ids = self.encode(prompt)
         decoding = self._decoding(prompt_ids, config, stop_at_eos, seed, overrides)
         if decoding.max_new_tokens > 0:
-            decoding.advance(self.params, decoding.max_new_tokens)
+            decoding.advance(self._params_for(decoding), decoding.max_new_tokens)
         # as transformers' text-generation pipeline: cut the decoded prompt off the decoded whole
         prompt_text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
         texts = []
@@ -90,7 +98,7 @@ class Generator:
         yield text.push(prompt_ids)
         emitted = 0
         while not decoding.done:
-            decoding.advance(self.params, emitted + segment)
+            decoding.advance(self._params_for(decoding), emitted + segment)
             new = decoding.new_tokens()[0, emitted : int(decoding.state.step)]
             emitted += len(new)
             if stop_at_eos and self.tokenizer.eos_id in new:

@@ -17,10 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from perceiver_ar_jax import backend
 from perceiver_ar_jax.model.attention.blockwise import blockwise_attention
 from perceiver_ar_jax.model.attention.dense import cached_attention
 from perceiver_ar_jax.model.attention.dispatch import attend, resolve_attention_impl, resolve_cached_impl
+from perceiver_ar_jax.model.linear import Linear
 from perceiver_ar_jax.model.masks import uniform_where_no_key
 from perceiver_ar_jax.model.positions import apply_rotary
 
@@ -61,26 +61,16 @@ class MultiHeadAttention(nn.Module):
 
     def setup(self):
         head_dim = self.num_channels // self.num_heads
-        init = nn.initializers.normal(stddev=self.init_scale)
 
-        def projection(name, features, axis, kernel_axes, bias):
-            return nn.DenseGeneral(
-                features=features,
-                axis=axis,
-                use_bias=bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                dot_general=backend.dot_general,
-                kernel_init=nn.with_logical_partitioning(init, kernel_axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                name=name,
-            )
+        def projection(name, features, in_axes, kernel_axes, bias):
+            return Linear(features=features, kernel_axes=kernel_axes, init_scale=self.init_scale, in_axes=in_axes,
+                          use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
         # perceiver-io builds the Perceiver AR attention with qkv_bias=False
-        self.q_proj = projection("q_proj", (self.num_heads, head_dim), -1, ("embed", "heads", "kv"), False)
-        self.k_proj = projection("k_proj", (self.num_heads, head_dim), -1, ("embed", "heads", "kv"), False)
-        self.v_proj = projection("v_proj", (self.num_heads, head_dim), -1, ("embed", "heads", "kv"), False)
-        self.o_proj = projection("o_proj", self.num_channels, (-2, -1), ("heads", "kv", "embed"), self.out_bias)
+        self.q_proj = projection("q_proj", (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), False)
+        self.k_proj = projection("k_proj", (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), False)
+        self.v_proj = projection("v_proj", (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), False)
+        self.o_proj = projection("o_proj", (self.num_channels,), 2, ("heads", "kv", "embed"), self.out_bias)
         self.attention_dropout = nn.Dropout(self.dropout_rate)
 
     def project_kv(self, x_kv: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
