@@ -82,7 +82,7 @@ def generate_text(args: argparse.Namespace, prompt: str, config) -> None:
     from perceiver_ar_jax.sampling import Generator, enable_compilation_cache
 
     enable_compilation_cache()
-    generator = Generator.from_pretrained(args.checkpoint, dtype=args.dtype)
+    generator = Generator.from_pretrained(args.checkpoint, dtype=args.dtype, warm_up=(prompt, config))
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"{'-' * 30} sample {i + 1} {'-' * 30}", flush=True)

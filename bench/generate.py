@@ -12,8 +12,9 @@ call minus a warm call). The reference runs `bench_torch.py --only generate1,gen
 (perceiver-io's cached generate, i.e. the work of our "perceiver-io" cache mode); "windowed" (the default) does the
 same work plus a forward pass over 128 latents when the latent caches overflow (here at the first step and every
 128 steps); "exact" mode recomputes the 256 latents every step (the prefix grows from the first step here), so it
-does far more work and is reported for information. fp32: float32 parameters and compute; bf16: bfloat16 parameters and compute (the reference's bf16
-is torch.autocast over float32 weights). Both sides are limited to --threads cores.
+does far more work and is reported for information. fp32: float32 parameters and compute; bf16: bfloat16
+parameters and compute (the reference's bf16 is torch.autocast over float32 weights). Both sides are limited
+to --threads cores.
 """
 
 from __future__ import annotations

@@ -59,6 +59,9 @@ def ours(model_dir: str, workload: str, mode: str, weights: str) -> dict:
 
     batch, length, _, num_latents, new_tokens = WORKLOADS[workload]
     config, params = load_model(model_dir)
+    weights, _, compute = weights.partition("/")  # "float32/bfloat16": float32 weights, bfloat16 compute
+    if compute:
+        config = config.replace(dtype=compute)
     t0 = time.perf_counter()
     params = jax.block_until_ready(decoding_params(params, config, weights, remember=False))
     prepare_s = time.perf_counter() - t0
@@ -87,6 +90,7 @@ def ours(model_dir: str, workload: str, mode: str, weights: str) -> dict:
                                                       + config.num_self_attention_layers * config.max_latents)
     import resource
 
+    weights = weights + (f"/{compute}" if compute else "")
     return dict(workload=workload, mode=mode, weights=weights, batch=batch, new_tokens=new_tokens,
                 prepare_s=prepare_s, first_s=first_s, total_s=total_s, prefill_s=prefill_s, step_s=step_s,
                 new_tokens_per_s=batch * new_tokens / total_s, step_bytes=weight_bytes + kv_bytes,
@@ -186,7 +190,8 @@ def main() -> None:
     ap.add_argument("--cores", default="0,1", help="the cores both sides are pinned to (taskset list)")
     ap.add_argument("--workloads", default="W1,W2,W3,B8,B32")
     ap.add_argument("--modes", default="windowed,perceiver-io", help="cache modes for W1, W2 and the batches")
-    ap.add_argument("--weights", default="float32,bfloat16,int8")
+    ap.add_argument("--weights", default="float32,bfloat16,int8",
+                    help="weight formats; FORMAT/bfloat16 computes in bfloat16 (exact mode: also float32/bfloat16)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--startup", action="store_true", help="also time sample.py's first token, cold and cached")
     ap.add_argument("--quick", action="store_true", help="W2 only, windowed, every weight format")
@@ -215,14 +220,18 @@ def main() -> None:
                   f"{ref['first_s']:.1f} s, peak RSS {ref['peak_rss_mib']:.0f} MiB", flush=True)
         modes = ["exact"] if workload == "W3" else args.modes.split(",")
         for mode in modes:
-            for weights in args.weights.split(","):
+            formats = args.weights.split(",") + (["float32/bfloat16"] if workload == "W3" else [])
+            for weights in formats:
                 r = child([*me, "--worker", f"{converted}|{workload}|{mode}|{weights}"], args.cores)
                 results["ours"].append(r)
                 ratio = f"{r['new_tokens_per_s'] / ref['new_tokens_per_s']:5.2f}x" if ref else "  -  "
                 bandwidth = r["step_bytes"] / r["step_s"] / 1e9 / m["read_gb_per_s"]
-                flops = r["step_flops"] / r["step_s"] / 1e9 / m["matmul_float32_gflop_per_s"]
-                fraction = f"{flops:5.0%} of fp32 peak" if mode == "exact" else f"{bandwidth:5.0%} of bandwidth"
-                print(f"{workload} ours {mode:12s} {weights:8s}: {r['new_tokens_per_s']:7.2f} tok/s {ratio}, step "
+                bf16 = weights.endswith("/bfloat16")
+                peak = m["matmul_bfloat16_gflop_per_s" if bf16 else "matmul_float32_gflop_per_s"]
+                flops = r["step_flops"] / r["step_s"] / 1e9 / peak
+                kind = "bf16" if bf16 else "fp32"
+                fraction = f"{flops:5.0%} of {kind} peak" if mode == "exact" else f"{bandwidth:5.0%} of bandwidth"
+                print(f"{workload} ours {mode:12s} {weights:16s}: {r['new_tokens_per_s']:7.2f} tok/s {ratio}, step "
                       f"{r['step_s'] * 1e3:6.1f} ms ({fraction}), prefill {r['prefill_s']:.2f} s, first call "
                       f"{r['first_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     if args.startup:

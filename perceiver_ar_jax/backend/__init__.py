@@ -192,5 +192,6 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
                           or os.path.join(os.path.expanduser("~"), ".cache", "perceiver_ar_jax", "jax"))
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # skip only the trivial programs
+    # every program: a start-up runs dozens of small ones (weight preparation, cache set-up) besides the loop
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory

@@ -10,10 +10,12 @@ Embeddings, norms and biases stay as they are; the tied output projection gets i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from perceiver_ar_jax import backend
@@ -30,10 +32,20 @@ def prepare_weights(params: Mapping[str, Any], weights: str) -> dict[str, Any]:
         raise ValueError(f"weights={weights!r} out of valid range: must be one of {backend.WEIGHT_FORMATS}")
     if is_prepared(params):
         return dict(params)
+    return _prepare(params, weights=weights)
+
+
+@functools.partial(jax.jit, static_argnames="weights")
+def _prepare(params: Mapping[str, Any], weights: str) -> dict[str, Any]:
+    # one compiled program for the whole tree: fast, and kept by the persistent compilation cache
     prepared = _prepare_tree(params, weights)
-    embedding = jnp.asarray(params["token_embedding"]["embedding"])
-    prepared["output_projection"] = backend.prepare_weight(embedding.T, weights)
+    prepared["output_projection"] = backend.prepare_weight(params["token_embedding"]["embedding"].T, weights)
     return prepared
+
+
+def abstract_prepared(abstract: Mapping[str, Any], weights: str) -> dict[str, Any]:
+    """`prepare_weights` of parameter shapes (jax.ShapeDtypeStruct leaves): what decoding will be compiled for."""
+    return jax.eval_shape(functools.partial(_prepare, weights=weights), abstract)
 
 
 def is_prepared(params: Mapping[str, Any]) -> bool:
