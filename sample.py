@@ -2,7 +2,8 @@
 
     python sample.py --checkpoint DIR --prompt "Recently, I started to work on my" --num_latents 2 \\
         --max_new_tokens 16 --top_k 20 [--temperature T] [--top_p P] [--seed S] [--greedy] [--num_samples N]
-        [--prompt_file FILE] [--cache exact|perceiver-io] [--dtype bfloat16]
+        [--prompt_file FILE] [--cache windowed|exact|perceiver-io] [--reset_fill N] [--weights int8]
+        [--dtype bfloat16]
 
 DIR: a converted model directory (`python -m perceiver_ar_jax.convert`) or a training run's --workdir (its newest
 checkpoint), with the tokenizer files next to it. Sampling is the default (temperature, then top-k, then top-p);
@@ -36,8 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--greedy", action="store_true", help="most likely token at every step (no sampling)")
     ap.add_argument("--num_samples", type=int, default=1)
-    ap.add_argument("--cache", default="exact",
-                    help="exact: as a full forward pass every step; perceiver-io: its cached generate")
+    ap.add_argument("--cache", default="windowed",
+                    help="windowed: the paper's decoding (cached steps, a full forward now and then); exact: as a "
+                         "full forward over perceiver-io's window every step; perceiver-io: its cached generate")
+    ap.add_argument("--reset_fill", type=int, default=None,
+                    help="windowed: latents kept when the latent caches are full (default max(K - 128, K / 2, 1))")
+    ap.add_argument("--weights", default="float32",
+                    help="float32, bfloat16 (half the bytes a step reads) or int8 (a quarter, per-column scales)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype")
     ap.add_argument("--ignore_eos", action="store_true", help="keep generating after the end-of-text token")
     ap.add_argument("--verbosity", type=int, default=None,
@@ -68,7 +74,8 @@ def generation_config(args: argparse.Namespace):
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} is out of range: must be >= 1")
     return GenerationConfig(num_latents=args.num_latents, max_new_tokens=args.max_new_tokens,
                             do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, cache=args.cache, num_return_sequences=1)
+                            top_p=args.top_p, cache=args.cache, reset_fill=args.reset_fill, weights=args.weights,
+                            num_return_sequences=1)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -83,7 +90,7 @@ def generate_text(args: argparse.Namespace, prompt: str, config) -> None:
     from perceiver_ar_jax.sampling import Generator, enable_compilation_cache
 
     enable_compilation_cache()
-    generator = Generator.from_pretrained(args.checkpoint, dtype=args.dtype)
+    generator = Generator.from_pretrained(args.checkpoint, dtype=args.dtype, warm_up=(prompt, config))
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"{'-' * 30} sample {i + 1} {'-' * 30}", flush=True)

@@ -1,6 +1,6 @@
 """Generation throughput: our compiled decode loop against perceiver-io's `generate`, on the same machine in one run.
 
-    python bench/generate.py [--quick] [--batch-sizes 1,8] [--modes perceiver-io,exact] [--dtypes fp32,bf16]
+    python bench/generate.py [--quick] [--batch-sizes 1,8] [--modes perceiver-io,windowed,exact] [--dtypes fp32,bf16]
                              [--budget 30] [--threads 2] [--ref-python /tmp/ref-venv/bin/python]
                              [--ref-script ../shared/reference/bench_torch.py] [--skip-reference] [--json OUT.json]
 
@@ -9,10 +9,12 @@ layers, max_seq_len 1024, max_latents 256, no absolute position embedding, outpu
 init): prompts of 512 random tokens, num_latents 256, 128 new tokens, greedy. New tokens/s = batch * 128 / time
 of the whole call (prefill included), as the reference counts them; compile time is reported separately (first
 call minus a warm call). The reference runs `bench_torch.py --only generate1,generate8` in its own venv
-(perceiver-io's cached generate, i.e. the work of our "perceiver-io" cache mode); "exact" mode recomputes the 256
-latents every step (the prefix grows from the first step here), so it does far more work and is reported for
-information. fp32: float32 parameters and compute; bf16: bfloat16 parameters and compute (the reference's bf16
-is torch.autocast over float32 weights). Both sides are limited to --threads cores.
+(perceiver-io's cached generate, i.e. the work of our "perceiver-io" cache mode); "windowed" (the default) does the
+same work plus a forward pass over 128 latents when the latent caches overflow (here at the first step and every
+128 steps); "exact" mode recomputes the 256 latents every step (the prefix grows from the first step here), so it
+does far more work and is reported for information. fp32: float32 parameters and compute; bf16: bfloat16
+parameters and compute (the reference's bf16 is torch.autocast over float32 weights). Both sides are limited
+to --threads cores.
 """
 
 from __future__ import annotations
@@ -62,11 +64,13 @@ def bench_ours(dtype: str, mode: str, batch_size: int, budget_s: float, min_runs
 
     from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
     from perceiver_ar_jax.sampling import Decoding
+    from perceiver_ar_jax.sampling.request import decoding_params
 
     config = CausalLanguageModelConfig(**BENCH_MODEL, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
     model = CausalLanguageModel(config)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
                                                  prefix_len=0)["params"]))()
+    params = decoding_params(params, config, "float32", remember=False)  # what generate() and Generator run
     prompt = np.random.default_rng(1).integers(0, config.vocab_size, (batch_size, PROMPT_LEN))
 
     def run(stop: int = NEW_TOKENS) -> np.ndarray:
@@ -122,7 +126,7 @@ def summary_line(r: dict, ref: dict | None, ref_dtype: str | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--modes", default="perceiver-io,exact", help="cache modes of ours (comma-separated)")
+    ap.add_argument("--modes", default="perceiver-io,windowed,exact", help="cache modes of ours (comma-separated)")
     ap.add_argument("--exact-batch-sizes", default="1",
                     help="batch sizes for exact mode (it recomputes 256 latents per step: slow at batch 8)")
     ap.add_argument("--dtypes", default="fp32,bf16")

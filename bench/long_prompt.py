@@ -37,12 +37,14 @@ def measure(prompt_len: int, new_tokens: int, mode: str, dtype: str) -> dict:
 
     from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
     from perceiver_ar_jax.sampling import Decoding
+    from perceiver_ar_jax.sampling.request import decoding_params
 
     config = CausalLanguageModelConfig(**dict(BENCH_MODEL, max_seq_len=prompt_len), dtype=DTYPES[dtype],
                                        param_dtype=DTYPES[dtype])
     model = CausalLanguageModel(config)
     params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
                                                  prefix_len=0)["params"]))()
+    params = decoding_params(params, config, "float32", remember=False)  # what generate() and Generator run
     prompt = np.random.default_rng(1).integers(0, config.vocab_size, (1, prompt_len))
 
     def run(stop: int) -> np.ndarray:

@@ -99,7 +99,7 @@ def test_exact_mode_matches_a_full_forward_at_every_step(abs_pos_emb):
     model, params = CausalLanguageModel(config), noisy_params(config)
     ids, attention_mask = padded_prompts(config)
     sequences, logits = generate(model, params, ids, attention_mask, num_latents=NUM_LATENTS,
-                                 max_new_tokens=NEW_TOKENS, return_logits=True, chunk_size=3)
+                                 max_new_tokens=NEW_TOKENS, return_logits=True, chunk_size=3, cache="exact")
     sequences = np.asarray(sequences)
     pad = np.concatenate([attention_mask == 0, np.zeros((len(ids), NEW_TOKENS), bool)], axis=1)
     # the schedule crosses max_latents (step 2), the longest prefix (step 6) and the sliding window (steps 7..)

@@ -132,8 +132,13 @@ class CausalLanguageModel(nn.Module):
             x_latent = self.out_norm(x_latent)
         batch_size, num_latents, channels = x_latent.shape
         rows = x_latent.astype(self.config.dtype).reshape(-1, channels)
-        embedding = self.token_embedding.embedding.astype(self.config.dtype)
-        logits = backend.tied_output(rows, embedding, self.config.precision).reshape(batch_size, num_latents, -1)
+        if self.has_variable("params", "output_projection"):  # decoding with prepared weights (model/weights.py)
+            prepared = self.get_variable("params", "output_projection")
+            logits = backend.prepared_matmul(rows, prepared, self.config.vocab_size, jnp.float32)
+        else:
+            embedding = self.token_embedding.embedding.astype(self.config.dtype)
+            logits = backend.tied_output(rows, embedding, self.config.precision)
+        logits = logits.reshape(batch_size, num_latents, -1)
         if self.config.output_bias:
             logits = logits + self.output_bias.astype(jnp.float32)
         return logits

@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from perceiver_ar_jax import backend
 from perceiver_ar_jax.model.attention import CachedKeysValues, MultiHeadAttention
 from perceiver_ar_jax.model.config import CausalLanguageModelConfig
+from perceiver_ar_jax.model.linear import Linear
 from perceiver_ar_jax.model.masks import Mask
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default
@@ -66,10 +66,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
-        init = nn.initializers.normal(stddev=cfg.init_scale)
-        dense = lambda features, axes, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=backend.dot_general,
-            precision=cfg.precision, kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+        dense = lambda features, axes, name: Linear(  # noqa: E731
+            (features,), axes, cfg.init_scale, dtype=cfg.dtype, param_dtype=cfg.param_dtype, precision=cfg.precision,
+            name=name)
         h = layer_norm("norm", cfg)(x)
         h = dense(self.widening_factor * cfg.num_channels, ("embed", "mlp"), "fc1")(h)
         # in float32: XLA:CPU has no bf16 elementwise maths, and converting is what it would do anyway

@@ -9,7 +9,8 @@ slots) and values (batch, heads, slots, head_dim), the layouts the two matrix pr
 without a transpose; a step reads the caches before it writes its own key/value, so the update happens in place.
 
 Window and positions, as perceiver-io: after n user tokens the model sees the last W = min(n, max_seq_len) of them
-(user pad tokens included); a token's position is its index in that window minus the number of user pads in the
+(user pad tokens included; the "windowed" cache mode sees a shorter window that it resets now and then, see
+`steps.window_forward`); a token's position is its index in that window minus the number of user pads in the
 window, clamped at 0. The absolute position embedding uses these positions. Rotary embedding only sees position
 differences: while user pads are left in the window, window start + pads in it = the prompt's pads, so every
 position is max(0, g - prompt pads); once they have all left, all positions move down together as the window
@@ -72,12 +73,16 @@ def slot_tokens(last: jnp.ndarray, size: int) -> jnp.ndarray:
     return last - jnp.mod(last - jnp.arange(size, dtype=jnp.int32), size)
 
 
+def positions_in_window(user_index: jnp.ndarray, window_start: jnp.ndarray, window_pads: jnp.ndarray) -> jnp.ndarray:
+    """perceiver-io's positions of user tokens `user_index` in a window that starts at user token window_start and
+    holds window_pads (batch, 1) user pads: index in the window minus window_pads, clamped at 0."""
+    return jnp.maximum(user_index - window_start - window_pads, 0)
+
+
 def window_positions(user_index: jnp.ndarray, num_tokens: jnp.ndarray, window_pads: jnp.ndarray,
                      max_seq_len: int) -> jnp.ndarray:
-    """perceiver-io's positions of user tokens `user_index` after num_tokens user tokens, with window_pads
-    (batch, 1) user pads in the window: index in the window minus window_pads, clamped at 0."""
-    window_start = jnp.maximum(num_tokens - max_seq_len, 0)
-    return jnp.maximum(user_index - window_start - window_pads, 0)
+    """`positions_in_window` for perceiver-io's window after num_tokens user tokens: the last max_seq_len."""
+    return positions_in_window(user_index, jnp.maximum(num_tokens - max_seq_len, 0), window_pads)
 
 
 def rotary_positions(user_index: jnp.ndarray, prompt_pads: jnp.ndarray) -> jnp.ndarray:
@@ -95,7 +100,7 @@ def write(ring: jnp.ndarray, tokens: jnp.ndarray, slot: jnp.ndarray | int, kind:
 
 
 def write_at(ring: jnp.ndarray, tokens: jnp.ndarray, slots: jnp.ndarray, kind: str) -> jnp.ndarray:
-    """`write` at arbitrary slots (n,) int."""
+    """`write` at arbitrary slots (n,) int (a window that wraps around the ring's end, say)."""
     if kind == "keys":
         return ring.at[..., slots].set(keys_layout(tokens, ring.dtype))
     return ring.at[:, :, slots].set(values_layout(tokens, ring.dtype))

@@ -17,12 +17,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from perceiver_ar_jax.backend import WEIGHT_FORMATS
 from perceiver_ar_jax.model import CausalLanguageModelConfig
 from perceiver_ar_jax.sampling.rules import Sampler, SamplingArgs
 
+# "windowed": the paper's decoding, latents grow by cached steps and a full forward resets them to reset_fill;
 # "exact": every step's logits equal the model's full forward over the window of perceiver-io's schedule;
-# "perceiver-io": perceiver-io's own cached generate, token for token (README: what each computes)
-CACHE_MODES = ("exact", "perceiver-io")
+# "perceiver-io": perceiver-io's own cached generate, token for token (README: what each computes and costs)
+CACHE_MODES = ("windowed", "exact", "perceiver-io")
 
 
 def _is_int(value: Any) -> bool:
@@ -48,13 +50,19 @@ class GenerationConfig:
     # nucleus sampling: among the smallest set of most likely tokens whose probability reaches top_p, in (0, 1]
     top_p: float | None = None
     # cache mode, one of CACHE_MODES
-    cache: str = "exact"
+    cache: str = "windowed"
+    # "windowed": latents kept when the latent caches are full and a forward pass resets them, in [1, max_latents];
+    # None = flaxformer's default max(max_latents - 128, max_latents // 2, 1)
+    reset_fill: int | None = None
     # a row stops after emitting this token (None: never) ...
     eos_token_id: int | None = None
     # ... and is filled with this one afterwards (default: eos_token_id, else 0), as transformers does
     pad_token_id: int | None = None
     # continuations per prompt (each prompt repeated, consecutively)
     num_return_sequences: int = 1
+    # how decoding stores the weight matrices: "float32", "bfloat16" (half the bytes) or "int8" (a quarter; per-column
+    # scales); a decoding step reads them all, so fewer bytes are a faster step (model/weights.py)
+    weights: str = "float32"
     # left-pad prompts to power-of-two buckets: one compilation per bucket instead of per prompt length
     bucket: bool = True
     # prompt tokens whose keys/values prefill projects at once (bounds its memory for long prompts)
@@ -81,11 +89,14 @@ class GenerationConfig:
         need(self.top_p is None or (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0), "top_p",
              "None (off) or in (0, 1]")
         need(self.cache in CACHE_MODES, "cache", f"a cache mode, one of {CACHE_MODES}")
+        need(self.reset_fill is None or _is_int(self.reset_fill), "reset_fill",
+             "None or an integer in [1, max_latents]")
         for field in ("eos_token_id", "pad_token_id"):
             need(getattr(self, field) is None or (_is_int(getattr(self, field)) and getattr(self, field) >= 0),
                  field, "None or a token id >= 0")
         need(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1, "num_return_sequences",
              "an integer >= 1")
+        need(self.weights in WEIGHT_FORMATS, "weights", f"one of {WEIGHT_FORMATS}")
         need(isinstance(self.bucket, bool), "bucket", "True or False")
         need(_is_int(self.chunk_size) and self.chunk_size >= 1, "chunk_size", "an integer >= 1")
 
@@ -101,12 +112,21 @@ class GenerationConfig:
             raise ValueError(f"Input sequence length {prompt_len} out of valid range [1..{L}] (max_seq_len)")
         if not 0 < self.num_latents <= K:
             raise ValueError(f"num_latents={self.num_latents} out of valid range [1..{K}]")
+        if self.reset_fill is not None and not 0 < self.reset_fill <= K:
+            raise ValueError(f"reset_fill={self.reset_fill} out of valid range [1..{K}] (max_latents)")
         num_latents = min(prompt_len, self.num_latents)
         prefix_len = prompt_len - num_latents
         if prefix_len > model_config.max_prefix_len:
             raise ValueError(f"For given sequence of length={prompt_len}, num_latents must be in range "
                              f"[{num_latents + prefix_len - model_config.max_prefix_len}..{K}]")
         return num_latents
+
+    def reset_fill_for(self, model_config: CausalLanguageModelConfig) -> int:
+        """reset_fill, or its default for this model: max(max_latents - 128, max_latents // 2, 1)."""
+        if self.reset_fill is not None:
+            return self.reset_fill
+        K = model_config.max_latents
+        return max(K - 128, K // 2, 1)
 
     @property
     def sampler(self) -> Sampler:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 
 from perceiver_ar_jax.model import CausalLanguageModelConfig
 from perceiver_ar_jax.sampling.config import GenerationConfig
-from perceiver_ar_jax.sampling.request import Decoding, settings, unwrap_params
+from perceiver_ar_jax.sampling.request import Decoding, decoding_params, precompile, settings, unwrap_params
 
 
 class Generator:
@@ -26,19 +27,37 @@ class Generator:
     """
 
     def __init__(self, config: CausalLanguageModelConfig, params: Any, tokenizer: Any):
-        self.config, self.params, self.tokenizer = config, unwrap_params(params), tokenizer
+        self.config, self.params, self.tokenizer = config, None if params is None else unwrap_params(params), tokenizer
+        self._prepared: dict[str, Any] = {}  # weights format -> decoding_params, made once
+
+    def _params_for(self, decoding: Decoding) -> Any:
+        weights = decoding.generation.weights
+        if weights not in self._prepared:
+            self._prepared.clear()  # one prepared copy at a time
+            self._prepared[weights] = decoding_params(self.params, self.config, weights, remember=False)
+        return self._prepared[weights]
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> Generator:
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None,
+                        warm_up: tuple[str, GenerationConfig] | None = None) -> Generator:
         """Load a model directory (converted, or a training run's directory: its latest checkpoint) and the
-        tokenizer stored with it. dtype: compute dtype ("float32", "bfloat16"), default the checkpoint's."""
-        from perceiver_ar_jax.checkpoints import load_model
+        tokenizer stored with it. dtype: compute dtype ("float32", "bfloat16"), default the checkpoint's.
+        warm_up: (prompt, settings) of the first request: its decode loop is compiled (or loaded from the
+        persistent compilation cache) while the weights load, so that its first token comes sooner."""
+        from perceiver_ar_jax.checkpoints import load_model, read_config
         from perceiver_ar_jax.tokenizer import Tokenizer
 
-        config, params = load_model(directory)
+        config = read_config(directory)
         if dtype is not None:
             config = config.replace(dtype=dtype)
-        return cls(config, params, Tokenizer.from_pretrained(directory))
+        generator = cls(config, None, Tokenizer.from_pretrained(directory))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(load_model, directory)
+            if warm_up is not None:
+                prompt, settings_ = warm_up
+                precompile(config, len(generator.encode(prompt)), settings_)
+            generator.params = unwrap_params(loading.result()[1])
+        return generator
 
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -63,7 +82,7 @@ class Generator:
         prompt_ids = self.encode(prompt)
         decoding = self._decoding(prompt_ids, config, stop_at_eos, seed, overrides)
         if decoding.max_new_tokens > 0:
-            decoding.advance(self.params, decoding.max_new_tokens)
+            decoding.advance(self._params_for(decoding), decoding.max_new_tokens)
         # as transformers' text-generation pipeline: cut the decoded prompt off the decoded whole
         prompt_text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
         texts = []
@@ -81,16 +100,16 @@ class Generator:
 
     def stream(self, prompt: str, *, config: GenerationConfig | None = None, rng: Any = None, segment: int = 8,
                stop_at_eos: bool = True, **overrides: Any) -> Iterator[str]:
-        """Yield text as it is generated, `segment` tokens at a time: first the prompt as the tokenizer decodes it,
-        then the continuation. The pieces join to decode(prompt + new tokens). The same compiled loop runs every
-        segment."""
+        """Yield text as it is generated: first the prompt as the tokenizer decodes it, then the first token, then
+        the continuation `segment` tokens at a time. The pieces join to decode(prompt + new tokens). The same
+        compiled loop runs every segment."""
         prompt_ids = self.encode(prompt)
         decoding = self._decoding(prompt_ids, config, stop_at_eos, rng, overrides)
         text = self.tokenizer.incremental_decoder(skip_special_tokens=True)
         yield text.push(prompt_ids)
         emitted = 0
-        while not decoding.done:
-            decoding.advance(self.params, emitted + segment)
+        while not decoding.done:  # the first token alone (it comes soonest), then `segment` at a time
+            decoding.advance(self._params_for(decoding), emitted + (segment if emitted else 1))
             new = decoding.new_tokens()[0, emitted : int(decoding.state.step)]
             emitted += len(new)
             if stop_at_eos and self.tokenizer.eos_id in new:

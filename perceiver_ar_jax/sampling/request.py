@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_ar_jax.backend import cpu_kernels
+from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig, abstract_params
+from perceiver_ar_jax.model.weights import abstract_prepared, is_prepared, prepare_weights
 from perceiver_ar_jax.sampling.cache import init_cache
 from perceiver_ar_jax.sampling.config import GenerationConfig
 from perceiver_ar_jax.sampling.loop import DecodeState, decode_loop
@@ -54,6 +56,49 @@ def unwrap_params(params: Any) -> Any:
     if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
         params = params["params"]
     return params
+
+
+def decoding_params(params: Any, model_config: CausalLanguageModelConfig, weights: str, remember: bool = True) -> Any:
+    """The parameters in the form decoding reads fastest: `weights`' format (model/weights.py), and float32 weights
+    packed for the CPU kernel where it runs and the model computes in float32. With `remember` the last result is
+    kept, so that calling generate() again with the same parameters does not prepare them again."""
+    params = unwrap_params(params)
+    if not prepares(model_config, weights) or is_prepared(params):
+        return params
+    if not remember:
+        return prepare_weights(params, weights)
+    key = (id(params), weights)
+    if _prepared_cache.get("key") != key:
+        _prepared_cache.clear()  # drop the previous copy before making the next
+        _prepared_cache.update(key=key, source=params, prepared=prepare_weights(params, weights))
+    return _prepared_cache["prepared"]
+
+
+def prepares(model_config: CausalLanguageModelConfig, weights: str) -> bool:
+    """Whether decoding prepares the weights: for bfloat16 and int8, and for float32 where the CPU kernel runs and
+    the model computes in float32 (bfloat16 compute goes to XLA's bfloat16 units instead)."""
+    return weights != "float32" or (cpu_kernels.available() and jnp.dtype(model_config.dtype) == jnp.float32)
+
+
+def precompile(model_config: CausalLanguageModelConfig, prompt_len: int, generation: GenerationConfig,
+               batch_size: int = 1) -> None:
+    """Compile the decode loop (and the weight preparation) for prompts of this length from the parameters' shapes
+    alone, or load them from the persistent compilation cache: start-up does it while the weights load."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # where load_model puts the parameters
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract_params(model_config))
+    if prepares(model_config, generation.weights):
+        abstract = abstract_prepared(abstract, generation.weights)
+    decoding = Decoding(model_config, np.ones((batch_size, prompt_len), np.int32), generation=generation)
+    compiled = decoding.run_loop.lower(abstract, decoding.state, jnp.int32(1), decoding.args).compile()
+    _precompiled[decoding.loop_key] = compiled
+
+
+# loop key -> the executable `precompile` made (a jit called later does not always find it in its own cache)
+_precompiled: dict[Any, Any] = {}
+
+
+_prepared_cache: dict[str, Any] = {}  # the last prepare_weights result, with its source (so its id stays valid)
 
 
 def settings(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
@@ -104,7 +149,9 @@ class Decoding:
         rows = input_ids.shape[0]
         buffer = _bucket(max(self.max_new_tokens, 1), MIN_NEW_TOKENS_BUCKET)
         self.args = gen.sampling_args()
-        self.run_loop = decode_loop(model_config, gen.cache, gen.sampler, record_logits, gen.chunk_size)
+        pad_latents = bool(np.any(pad[:, seq_len - prompt_latents:])) and gen.cache != "perceiver-io"
+        self.run_loop = decode_loop(model_config, gen.cache, gen.sampler, record_logits, gen.chunk_size,
+                                    gen.reset_fill_for(model_config), pad_latents)
         logits_shape = (rows, buffer, model_config.vocab_size) if record_logits else (1, 1, 1)
         self.state = DecodeState(
             kv=_init_cache(model_config, rows),
@@ -112,16 +159,21 @@ class Decoding:
             prompt_pad=jnp.asarray(np.pad(pad, ((0, 0), (offset, 0)), constant_values=True)),
             offset=jnp.int32(offset),
             num_latents=jnp.int32(prompt_latents),
+            window_start=jnp.int32(offset),
+            latents=jnp.int32(prompt_latents),
             step=jnp.int32(0),
             token=jnp.zeros((rows,), jnp.int32),
             finished=jnp.zeros((rows,), bool),
             new_tokens=jnp.full((rows, buffer), gen.fill_token_id, jnp.int32),
             logits=jnp.zeros(logits_shape, jnp.float32),
             rng=as_key(rng))
+        # the compiled loop is the same for every request with this loop and these shapes
+        self.loop_key = (self.run_loop, jax.tree.map(lambda a: (a.shape, a.dtype), self.state))
 
     def advance(self, params: Any, stop: int) -> None:
         """Generate until `stop` tokens (at most max_new_tokens) exist or every row has finished."""
-        self.state = self.run_loop(params, self.state, jnp.int32(min(stop, self.max_new_tokens)), self.args)
+        run = _precompiled.get(self.loop_key, self.run_loop)
+        self.state = run(params, self.state, jnp.int32(min(stop, self.max_new_tokens)), self.args)
 
     @property
     def done(self) -> bool:
@@ -161,6 +213,6 @@ def generate(
     decoding = Decoding(model.config, input_ids, attention_mask, generation=config, rng=rng,
                         record_logits=return_logits, **overrides)
     if decoding.max_new_tokens > 0:
-        decoding.advance(unwrap_params(params), decoding.max_new_tokens)
+        decoding.advance(decoding_params(params, model.config, decoding.generation.weights), decoding.max_new_tokens)
     sequences = jnp.asarray(decoding.sequences())
     return (sequences, jnp.asarray(decoding.logits())) if return_logits else sequences

@@ -5,8 +5,9 @@ Every function here takes the bound `CausalLanguageModel` as its first argument 
 their forward pass); what is here is which tokens enter as queries, where their keys/values go in the rings of
 `cache.py`, and which masks (from `model.masks`) they see. Ring indexing and positions: `cache.py`.
 
-- `prefill`: the full forward over the prompt (prefix tokens kv_norm-ed, the last `num_latents` q_norm-ed); the
-  prompt's keys/values are projected `chunk_size` tokens at a time, so memory stays bounded for long prompts.
+- `prefill`: the full forward over a window, the prompt (prefix tokens kv_norm-ed, the last `num_latents`
+  q_norm-ed); the window's keys/values are projected `chunk_size` tokens at a time, so memory stays bounded for
+  long prompts. `window_forward` runs it over the last tokens of the stream: the "windowed" cache mode's reset.
 - `decode_step`: one new token as the only query. perceiver-io's cached generation (`use_cache=True`) is exactly
   this at every step: its keys/values keep the norm they were computed with, the cross-attention sees the last
   max_seq_len tokens and the self-attention the last max_latents. While the number of latents is still growing
@@ -31,11 +32,11 @@ from perceiver_ar_jax.model.masks import causal_mask, cross_attention_mask, ring
 from perceiver_ar_jax.model.positions import rotary_angles
 from perceiver_ar_jax.sampling.cache import (
     KVCache,
+    positions_in_window,
     read,
     rotary_positions,
     set_slots,
     slot_tokens,
-    window_positions,
     write,
     write_at,
 )
@@ -56,70 +57,99 @@ def _next_token_logits(module, x: jnp.ndarray) -> jnp.ndarray:
 def prefill(
     module,
     cache: KVCache,
-    prompt_ids: jnp.ndarray,
-    prompt_pad: jnp.ndarray,
+    window_ids: jnp.ndarray,
+    window_pad: jnp.ndarray,
+    first: jnp.ndarray,
+    window_start: jnp.ndarray,
     offset: jnp.ndarray,
     num_latents: jnp.ndarray,
+    num_queries: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jnp.ndarray, KVCache]:
-    """The model's forward over the prompt: next-token logits (batch, vocab) float32 and the filled caches.
+    """The model's full forward over a window of tokens: next-token logits (batch, vocab) float32 and the caches
+    filled with the window's keys/values (a prompt, or the reset window of the "windowed" cache mode).
 
-    prompt_ids (batch, Sb) int, left-padded to the bucket; prompt_pad (batch, Sb) bool, True = user pad;
-    offset: number of bucket pads (int32 scalar, Sb - S); num_latents: latents of the prompt (int32 scalar in
-    [1, min(S, max_latents)]). Sb <= max_seq_len, so the prompt fills ring slots 0 .. Sb - 1.
+    window_ids (batch, W) int and window_pad (batch, W) bool (True = user pad): the tokens with bucketed indices
+    first .. first + W - 1 (int32 scalar `first`); those before window_start (int32 scalar, >= offset, the number
+    of bucket pads) are not in the window: invisible as keys, never latents, not counted in positions.
+    num_latents (int32 scalar in [1, max_latents]): the window's last tokens that are latents. num_queries (static,
+    >= num_latents, default min(W, max_latents)): how many of the last tokens are computed as queries (those before
+    the latents are computed, then ignored). The window's keys/values are projected `chunk_size` tokens at a time,
+    so memory stays bounded for long prompts; they go to ring slots r % max_seq_len, the latents' self-attention
+    keys/values to slots r % max_latents.
     """
     cfg = module.config
     layer = module.cross_attention_layer
-    bucket = prompt_ids.shape[1]
-    num_queries = min(bucket, cfg.max_latents)  # static: the latents are among the last num_queries tokens
+    L, K = cfg.max_seq_len, cfg.max_latents
+    width = window_ids.shape[1]
+    num_queries = min(width, K) if num_queries is None else num_queries
 
-    r = jnp.arange(bucket, dtype=jnp.int32)
-    real = r >= offset  # not a bucket pad
-    pad = prompt_pad | ~real[None]
-    prompt_pads = jnp.sum(prompt_pad & real[None], axis=1, keepdims=True, dtype=jnp.int32)
-    pos = window_positions(r - offset, bucket - offset, prompt_pads, cfg.max_seq_len)  # (batch, Sb)
-    angles = _rotary(module, pos)  # the prompt's window does not slide: rotary positions are the same
-    first_latent = bucket - num_latents  # bucketed index of the first latent
+    r = first + jnp.arange(width, dtype=jnp.int32)
+    visible = r >= window_start
+    pad = window_pad | ~visible[None]
+    window_pads = jnp.sum(window_pad & visible[None], axis=1, keepdims=True, dtype=jnp.int32)
+    user = r - offset
+    pos = positions_in_window(user, window_start - offset, window_pads)  # (batch, W)
+    angles = _rotary(module, rotary_positions(user[None], cache.prompt_pads))
+    first_latent = first + width - num_latents  # bucketed index of the first latent
 
-    # 1. Keys/values of all prompt tokens (prefix: kv_norm, latents: q_norm), chunk_size tokens at a time.
-    chunk = min(chunk_size, bucket)
+    # 1. Keys/values of the window's tokens (prefix: kv_norm, latents: q_norm), chunk_size tokens at a time.
+    chunk = min(chunk_size, width)
 
-    def project_chunk(i, rings):
-        start = jnp.minimum(i * chunk, bucket - chunk)  # the last chunk overlaps the one before: same values
+    def project_chunk(i, window_kv):
+        start = jnp.minimum(i * chunk, width - chunk)  # the last chunk overlaps the one before: same values
         take = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, chunk, axis)  # noqa: E731
-        x = module.embed(take(prompt_ids, 1), take(pos, 1))
+        x = module.embed(take(window_ids, 1), take(pos, 1))
         k, v = layer.keys_values(x, take(angles, 1), take(r, 0)[None] < first_latent)
-        return write(rings[0], k, start, "keys"), write(rings[1], v, start, "values")
+        return write(window_kv[0], k, start, "keys"), write(window_kv[1], v, start, "values")
 
-    num_chunks = -(-bucket // chunk)
-    rings = (cache.cross_k, cache.cross_v)
+    dtype = cache.cross_k.dtype
+    batch, heads, head_dim = cache.cross_k.shape[:3]
+    window_kv = (jnp.zeros((batch, heads, head_dim, width), dtype), jnp.zeros((batch, heads, width, head_dim), dtype))
+    num_chunks = -(-width // chunk)
     if num_chunks == 1:
-        cross_k, cross_v = project_chunk(0, rings)
+        window_k, window_v = project_chunk(0, window_kv)
     else:
-        cross_k, cross_v = jax.lax.fori_loop(0, num_chunks, project_chunk, rings)
-    cache = cache._replace(cross_k=cross_k, cross_v=cross_v)
+        window_k, window_v = jax.lax.fori_loop(0, num_chunks, project_chunk, window_kv)
 
-    # 2. The hybrid layer for the last num_queries tokens (those before first_latent are computed, then ignored).
+    # 2. The hybrid layer for the last num_queries tokens, over the window's keys.
     r_q = r[-num_queries:]
-    x = module.embed(prompt_ids[:, -num_queries:], pos[:, -num_queries:])
+    x = module.embed(window_ids[:, -num_queries:], pos[:, -num_queries:])
     angles_q = angles[:, -num_queries:]
-    prompt_keys = CachedKeysValues(cross_k[..., :bucket], cross_v[:, :, :bucket],
-                                   cross_attention_mask(num_queries, bucket, pad), uniform_over=visible_keys(real))
-    x, _ = layer.decode(x, angles_q, prompt_keys, with_own_keys=False)
+    window_keys = CachedKeysValues(window_k, window_v, cross_attention_mask(num_queries, width, pad),
+                                   uniform_over=visible_keys(visible))
+    x, _ = layer.decode(x, angles_q, window_keys, with_own_keys=False)
 
     # 3. Self-attention over the latents; every layer's keys/values go to its ring at slots r % max_latents.
     self_mask = causal_mask(num_queries, num_queries) & visible_keys(r_q >= first_latent)
-    slots = r_q % cfg.max_latents  # static
+    self_slots = r_q % K
     self_k, self_v = [], []
     for i, sa in enumerate(module.self_attention_layers):
         x, (k, v) = sa(x, angles_q, self_mask)
-        self_k.append(write_at(cache.self_k[i], k, slots, "keys"))
-        self_v.append(write_at(cache.self_v[i], v, slots, "values"))
+        self_k.append(write_at(cache.self_k[i], k, self_slots, "keys"))
+        self_v.append(write_at(cache.self_v[i], v, self_slots, "values"))
 
+    slots = r % L
     cache = cache._replace(
-        self_k=tuple(self_k), self_v=tuple(self_v), token_ids=set_slots(cache.token_ids, prompt_ids, 0, 1),
-        pad=set_slots(cache.pad, pad, 0, 1), prompt_pads=prompt_pads)
+        cross_k=cache.cross_k.at[..., slots].set(window_k), cross_v=cache.cross_v.at[:, :, slots].set(window_v),
+        self_k=tuple(self_k), self_v=tuple(self_v), token_ids=cache.token_ids.at[:, slots].set(window_ids),
+        pad=cache.pad.at[:, slots].set(window_pad | (r < offset)[None]))
     return _next_token_logits(module, x), cache
+
+
+def window_forward(module, cache: KVCache, token: jnp.ndarray, last: jnp.ndarray, offset: jnp.ndarray,
+                   window_start: jnp.ndarray, num_latents: jnp.ndarray, width: int, num_queries: int,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jnp.ndarray, KVCache]:
+    """A step by a full forward: the newest token (bucketed index `last`) is written to the rings, then `prefill`
+    runs over the window of the last `width` (static) tokens, those from window_start on visible, the last
+    num_latents latents. The "windowed" cache mode's reset (and its steps while a latent is a pad token)."""
+    L = module.config.max_seq_len
+    cache = cache._replace(token_ids=set_slots(cache.token_ids, token[:, None], last % L, 1),
+                           pad=set_slots(cache.pad, jnp.zeros((token.shape[0], 1), bool), last % L, 1))
+    first = last - width + 1
+    slots = (first + jnp.arange(width, dtype=jnp.int32)) % L  # tokens before the stream (r < 0) are invisible
+    return prefill(module, cache, cache.token_ids[:, slots], cache.pad[:, slots], first,
+                   jnp.maximum(window_start, offset), offset, num_latents, num_queries, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,18 +161,27 @@ class _Step(NamedTuple):
     num_tokens: jnp.ndarray  # user tokens so far, n (the new one included)
     ring_user: jnp.ndarray  # (L,) user index g held by every cross-attention slot (< 0: invisible)
     in_window: jnp.ndarray  # (L,) bool
+    window_start: jnp.ndarray  # user index of the window's first token
     window_pads: jnp.ndarray  # (batch, 1) user pads in the window
 
 
-def _place_token(module, cache: KVCache, token: jnp.ndarray, last: jnp.ndarray, offset: jnp.ndarray) -> _Step:
+def last_tokens_window(last: jnp.ndarray, offset: jnp.ndarray, max_seq_len: int) -> jnp.ndarray:
+    """Bucketed index of the first token of perceiver-io's window once token `last` is in: the last max_seq_len
+    tokens, bucket pads left out."""
+    return jnp.maximum(last - max_seq_len + 1, offset)
+
+
+def _place_token(module, cache: KVCache, token: jnp.ndarray, last: jnp.ndarray, offset: jnp.ndarray,
+                 window_start: jnp.ndarray) -> _Step:
     L = module.config.max_seq_len
     slot = last % L
     cache = cache._replace(token_ids=set_slots(cache.token_ids, token[:, None], slot, 1),
                            pad=set_slots(cache.pad, jnp.zeros((token.shape[0], 1), bool), slot, 1))
-    ring_user = slot_tokens(last, L) - offset
-    in_window = ring_user >= 0  # the ring holds exactly the last L tokens; g < 0 are bucket pads / never written
+    ring_r = slot_tokens(last, L)  # the ring holds exactly the last L tokens
+    in_window = (ring_r >= window_start) & (ring_r >= offset)  # r < offset: bucket pads / never written
     window_pads = jnp.sum(cache.pad & in_window[None], axis=1, keepdims=True, dtype=jnp.int32)
-    return _Step(cache, slot, last - offset + 1, ring_user, in_window, window_pads)
+    return _Step(cache, slot, last - offset + 1, ring_r - offset, in_window, jnp.maximum(window_start - offset, 0),
+                 window_pads)
 
 
 def decode_step(
@@ -152,18 +191,21 @@ def decode_step(
     last: jnp.ndarray,
     offset: jnp.ndarray,
     first_latent: jnp.ndarray,
+    window_start: jnp.ndarray,
 ) -> tuple[jnp.ndarray, KVCache]:
     """One cached step with the new token as the only query -> logits (batch, vocab) float32, updated caches.
 
-    token (batch,) int: the newest token, bucketed index `last`; first_latent: bucketed index of the prompt's first
-    latent (self-attention keys start there). Exact while the prefix is fixed; perceiver-io's cached step always.
+    token (batch,) int: the newest token, bucketed index `last`; first_latent: bucketed index of the window's first
+    latent (self-attention keys start there); window_start: bucketed index of the window's first token
+    (`last_tokens_window` for perceiver-io's). Exact while the window's start and prefix are fixed; perceiver-io's
+    cached step always.
     """
     cfg = module.config
-    step = _place_token(module, cache, token, last, offset)
+    step = _place_token(module, cache, token, last, offset, window_start)
     cache = step.cache
 
     user = step.num_tokens - 1
-    pos = window_positions(user, step.num_tokens, step.window_pads, cfg.max_seq_len)  # (batch, 1)
+    pos = positions_in_window(user, step.window_start, step.window_pads)  # (batch, 1)
     angles = _rotary(module, rotary_positions(user, cache.prompt_pads))
     x = module.embed(token[:, None], pos)  # (batch, 1, channels)
     # a new token is a latent: its keys/values come from q_norm and stay so. The slot it overwrites held the token
@@ -206,12 +248,12 @@ def latents_step(
     cfg = module.config
     layer = module.cross_attention_layer
     L, K = cfg.max_seq_len, cfg.max_latents
-    step = _place_token(module, cache, token, last, offset)
+    step = _place_token(module, cache, token, last, offset, last_tokens_window(last, offset, L))
     cache = step.cache
 
     query_r = last - K + 1 + jnp.arange(K, dtype=jnp.int32)
     query_user = query_r - offset
-    query_pos = window_positions(query_user[None], step.num_tokens, step.window_pads, L)  # (batch, K)
+    query_pos = positions_in_window(query_user[None], step.window_start, step.window_pads)  # (batch, K)
     angles = _rotary(module, rotary_positions(query_user[None], cache.prompt_pads))
     x = module.embed(jnp.take(cache.token_ids, query_r % L, axis=1), query_pos)  # (batch, K, channels)
     first_latent_user = step.num_tokens - num_latents
@@ -222,7 +264,7 @@ def latents_step(
         if cfg.max_prefix_len > 0:  # the token leaving the latents becomes a prefix token: kv_norm
             old_slot = (last - K) % L
             old_user = first_latent_user - 1
-            old_pos = window_positions(old_user, step.num_tokens, step.window_pads, L)
+            old_pos = positions_in_window(old_user, step.window_start, step.window_pads)
             old_x = module.embed(jax.lax.dynamic_slice_in_dim(cache.token_ids, old_slot, 1, axis=1), old_pos)
             old_angles = _rotary(module, rotary_positions(old_user, cache.prompt_pads))
             k, v = layer.keys_values(old_x, old_angles, is_prefix=True)
@@ -235,7 +277,7 @@ def latents_step(
         return write(cross_k, k, step.slot, "keys"), write(cross_v, v, step.slot, "values")
 
     def recompute_all(rings):
-        ring_pos = window_positions(step.ring_user[None], step.num_tokens, step.window_pads, L)
+        ring_pos = positions_in_window(step.ring_user[None], step.window_start, step.window_pads)
         ring_angles = _rotary(module, rotary_positions(step.ring_user[None], cache.prompt_pads))
         is_prefix = (step.ring_user < first_latent_user)[None, :]
         k, v = layer.keys_values(module.embed(cache.token_ids, ring_pos), ring_angles, is_prefix)

@@ -23,6 +23,7 @@ from perceiver_ar_jax import backend
 from perceiver_ar_jax.model.attention.blockwise import blockwise_attention
 from perceiver_ar_jax.model.attention.dense import cached_attention
 from perceiver_ar_jax.model.attention.dispatch import attend, resolve_attention_impl, resolve_cached_impl
+from perceiver_ar_jax.model.linear import Linear
 from perceiver_ar_jax.model.masks import AttentionMask, Mask, uniform_where_no_key
 from perceiver_ar_jax.model.positions import apply_rotary
 from perceiver_ar_jax.model.sharding import context_axes
@@ -42,33 +43,6 @@ class CachedKeysValues(NamedTuple):
     values: jnp.ndarray
     mask: jnp.ndarray
     uniform_over: jnp.ndarray | None = None
-
-
-class Projection(nn.Module):
-    """x (..., *in) @ kernel (*in, *features) (+ bias (*features)): Flax's DenseGeneral, with the kernel created in
-    its own shape (DenseGeneral creates it flattened to 2-D, which fails under `nn.logical_axis_rules` with a mesh:
-    the kernel's logical names are applied to the flat array). The product is one `backend.dot_general`."""
-
-    features: tuple[int, ...]
-    num_in: int  # trailing axes of x contracted with the kernel's leading axes
-    kernel_axes: tuple[str, ...]  # logical names of the kernel's axes
-    use_bias: bool
-    init_scale: float
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    precision: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        init = nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_scale), self.kernel_axes)
-        kernel = self.param("kernel", init, x.shape[x.ndim - self.num_in:] + tuple(self.features), self.param_dtype)
-        dims = ((tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in))), ((), ()))
-        y = backend.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, precision=self.precision)
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                              tuple(self.features), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
 
 
 class MultiHeadAttention(nn.Module):
@@ -93,9 +67,10 @@ class MultiHeadAttention(nn.Module):
     def setup(self):
         head_dim = self.num_channels // self.num_heads
 
-        def projection(name, features, num_in, kernel_axes, bias):
-            return Projection(features, num_in, kernel_axes, bias, self.init_scale, self.dtype, self.param_dtype,
-                              self.precision, name=name)
+        def projection(name, features, in_axes, kernel_axes, bias):
+            return Linear(features=features, kernel_axes=kernel_axes, init_scale=self.init_scale, in_axes=in_axes,
+                          use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                          name=name)
 
         # perceiver-io builds the Perceiver AR attention with qkv_bias=False
         self.q_proj = projection("q_proj", (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), False)

@@ -2,6 +2,8 @@
 
 Everything the library tunes for one backend lives here, behind functions whose signatures say nothing of it:
 - `matmul` / `dot_general` / `tied_output`: every weight product of the model (below);
+- `prepare_weight` / `prepared_matmul`: the decode-time forms of a weight matrix (bfloat16, int8 with per-column
+  scales; on CPU packed for the kernel of `cpu_kernels.py`, which reads them at the memory bandwidth);
 - `decode_cache_dtype`: the dtype of decoding's key/value caches;
 - `decode_compiler_options`: XLA options for the compiled decode loop;
 - `enable_compilation_cache`: JAX's persistent compilation cache, so that a second process starts fast.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -39,8 +42,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["as_precision", "decode_cache_dtype", "decode_compiler_options", "dot_general", "enable_compilation_cache",
-           "matmul", "tied_output"]
+from perceiver_ar_jax.backend import cpu_kernels
+
+__all__ = ["WEIGHT_FORMATS", "as_precision", "decode_cache_dtype", "decode_compiler_options", "dot_general",
+           "enable_compilation_cache", "is_prepared", "matmul", "prepare_weight", "prepared_matmul", "tied_output"]
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")  # how decoding may store the weight matrices
 
 
 def matmul(a: jnp.ndarray, b: jnp.ndarray, out_dtype: jnp.dtype | None = None,
@@ -125,6 +132,50 @@ def tied_output(rows: jnp.ndarray, embedding: jnp.ndarray,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# decode-time weights
+def prepare_weight(kernel: jnp.ndarray, weights: str) -> dict[str, jnp.ndarray]:
+    """A (K, N) weight matrix in the decode-time form `weights` ("float32", "bfloat16" or "int8").
+
+    int8: per output column, the largest |w| maps to 127 (`kernel_scale` (N,) float32; w ~ q * scale). Where the
+    packed kernel runs (`cpu_kernels.available()`) the matrix is packed into `packed_kernel` panels; elsewhere it
+    is a (K, N) `prepared_kernel` in the new dtype, which XLA's products dequantize.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r} out of valid range: must be one of {WEIGHT_FORMATS}")
+    kernel = jnp.asarray(kernel, jnp.float32)
+    prepared = {}
+    if weights == "int8":
+        scale = jnp.max(jnp.abs(kernel), axis=0) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)
+        kernel = jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8)
+        prepared["kernel_scale"] = scale
+    elif weights == "bfloat16":
+        kernel = kernel.astype(jnp.bfloat16)
+    if cpu_kernels.available():
+        prepared["packed_kernel"] = cpu_kernels.pack(kernel)
+    else:
+        prepared["prepared_kernel"] = kernel
+    return prepared
+
+
+def is_prepared(weight: Mapping) -> bool:
+    """Whether a layer's parameters hold a `prepare_weight` form instead of a plain float kernel."""
+    return "packed_kernel" in weight or "prepared_kernel" in weight
+
+
+def prepared_matmul(rows: jnp.ndarray, weight: Mapping, n: int, dtype) -> jnp.ndarray:
+    """rows (M, K) @ a prepared (K, N) weight -> (M, N) in dtype (float32 accumulation)."""
+    scale = weight.get("kernel_scale")
+    if "packed_kernel" in weight:
+        y = cpu_kernels.packed_matmul(rows, weight["packed_kernel"], n, scale)
+    else:
+        y = matmul(rows.astype(dtype), weight["prepared_kernel"].astype(dtype), jnp.float32)
+        if scale is not None:
+            y = y * scale
+    return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # decoding
 def decode_cache_dtype(compute_dtype: Any) -> jnp.dtype:
     """The dtype of decoding's key/value caches: the compute dtype, except float32 on CPU, where XLA's bfloat16
@@ -158,5 +209,6 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
                           or os.path.join(os.path.expanduser("~"), ".cache", "perceiver_ar_jax", "jax"))
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # skip only the trivial programs
+    # every program: a start-up runs dozens of small ones (weight preparation, cache set-up) besides the loop
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory
