@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="mesh sizes data,fsdp,tensor within a slice, -1 = the rest (as mesh.ici_parallelism)")
     ap.add_argument("--output", default="evaluation.json", help="JSON of the results; the plot goes beside it")
     ap.add_argument("--traceback", action="store_true", help="show the full traceback of a bad-input error")
+    ap.add_argument("--verbosity", type=int, default=None,
+                    help="show every library's log records at this level (-1 warning, 0 info, 1 debug)")
     return ap.parse_args(argv)
 
 
@@ -130,21 +132,17 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from perceiver_ar_jax import errors
+    from perceiver_ar_jax.errors.console import configure_logging, run_command
 
     args = parse_args(argv)
-    try:
-        check_args(args)
-        run(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return errors.EXIT_INTERRUPTED
-    except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors; missing files
-        if args.traceback:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return errors.EXIT_BAD_INPUT
-    return errors.EXIT_OK
+    configure_logging(args.verbosity)
+    # the statuses and the one `error:` line of every command line (README, "Exit statuses")
+    return run_command(lambda: check_then_run(args), show_traceback=args.traceback)
+
+
+def check_then_run(args: argparse.Namespace) -> None:
+    check_args(args)
+    run(args)
 
 
 if __name__ == "__main__":
