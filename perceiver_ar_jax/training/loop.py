@@ -26,13 +26,13 @@ import numpy as np
 from absl import logging
 
 from perceiver_ar_jax.checkpoints import TrainingCheckpoints, workdir_path
-from perceiver_ar_jax.errors import NonFiniteLossError, check, one_line
+from perceiver_ar_jax.errors import NonFiniteLossError, check, is_out_of_memory, one_line
 from perceiver_ar_jax.errors.console import FILE_ONLY, LogFile
 from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.training import memory, partitioning
 from perceiver_ar_jax.training import metrics as metrics_lib
 from perceiver_ar_jax.training import optimizer as optimizer_lib
-from perceiver_ar_jax.training import partitioning
-from perceiver_ar_jax.training.config import check_config
+from perceiver_ar_jax.training.config import check_config, eval_batch_size_of, loss_chunk_tokens_of
 from perceiver_ar_jax.training.state import (
     check_same_parameters,
     make_init_fn,
@@ -145,28 +145,67 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
     with jax.set_mesh(mesh):
         checkpoints = TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                           async_save=config.async_checkpointing)
-        loop = None
+        loop = train_iter = None
         try:
             state, train_iter = restore_or_init(config, model_config, checkpoints, datasets, init_fn,
                                                 abstract_state, state_shardings)
+            if config.get("check_memory", True):
+                check_step_memory(config, model_config, memory.StateLayout.of(abstract_state, state_shardings), mesh)
             batch_sharding = partitioning.batch_sharding(mesh)
             replicated = partitioning.replicated(mesh)
+            # the chunk is per device: the global batch's rows are split over the batch shards
+            chunk_tokens = loss_chunk_tokens_of(config) * partitioning.num_batch_shards(mesh)
             p_train_step = jax.jit(
                 with_rules(rules, lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
                                                           num_microbatches=config.grad_accum_steps,
-                                                          z_loss_weight=config.z_loss_weight)),
+                                                          z_loss_weight=config.z_loss_weight,
+                                                          chunk_tokens=chunk_tokens)),
                 in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                 donate_argnums=(0,))
-            p_eval_step = jax.jit(with_rules(rules, lambda p, b: eval_step(p, b, model=model)),
+            p_eval_step = jax.jit(with_rules(rules, lambda p, b: eval_step(p, b, model=model,
+                                                                            chunk_tokens=chunk_tokens)),
                                   in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
             loop = _Loop(config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
                          schedule, start_writing)
-            return loop.run(state, train_iter)
+            try:
+                return loop.run(state, train_iter)
+            except Exception as e:
+                if is_out_of_memory(e) and not isinstance(e, memory.StepTooLargeError):
+                    raise loop.out_of_memory(e) from e
+                raise
         finally:
+            for iterator in (train_iter, loop and loop.eval_iter):
+                close = getattr(iterator, "close", None)
+                if close is not None:  # stop prefetch threads before the interpreter exits (a thread left in
+                    close()  # the tokenizer's C++ code aborts the process at exit)
             if loop is not None:
                 loop.close()
             else:
                 checkpoints.close()
+
+
+def check_step_memory(config: ml_collections.ConfigDict, model_config, layout: memory.StateLayout, mesh) -> None:
+    """Before the first step: stop with StepTooLargeError (one line naming the batch size that fits) when the
+    estimated train step, or the eval step, needs more than the device's free memory (training/memory.py)."""
+    device = jax.local_devices()[0]
+    available = memory.free_bytes(device)
+    shards = partitioning.num_batch_shards(mesh)
+    # CPU devices of one process share the host's memory; each accelerator has its own
+    sharing = jax.local_device_count() if device.platform == "cpu" else 1
+    seq_len, chunk = model_config.max_seq_len, loss_chunk_tokens_of(config)
+    where = f"{device.platform} device {device.id}" if device.platform != "cpu" else "the host"
+    microbatch = config.batch_size // config.grad_accum_steps
+    need = memory.check_fits(
+        lambda rows: memory.estimate_train_step(model_config, layout, rows, seq_len, chunk), microbatch // shards,
+        available, devices_sharing=sharing, what="train step", field="batch_size", where=where,
+        rows_to_batch=lambda rows: rows * shards * config.grad_accum_steps)
+    if config.eval_every_steps:
+        memory.check_fits(
+            lambda rows: memory.estimate_eval_step(model_config, layout, rows, seq_len, chunk),
+            eval_batch_size_of(config) // shards, available, devices_sharing=sharing, what="eval step",
+            field="eval_batch_size", where=where, rows_to_batch=lambda rows: rows * shards)
+    logging.info("memory: the train step needs about %s; %s has %s free beyond the state", need.describe(), where,
+                 "an unknown amount" if available is None else f"{available / memory.GB:.1f} GB")
 
 
 def with_rules(rules, step: Callable) -> Callable:
@@ -199,6 +238,18 @@ class _Loop:
         # the eval stream, made on first use and rewound to its start for every evaluation
         self.eval_iter: ResumableIterator | None = None
         self.eval_start: dict[str, Any] | None = None
+        self.phase = "train step"  # what runs now: named by an out-of-memory error
+
+    def out_of_memory(self, error: Exception) -> MemoryError:
+        """A failed allocation, as one line naming the step that ran out and the batch size to lower."""
+        config = self.config
+        if self.phase == "evaluation":
+            what, advice = f"evaluation at eval_batch_size={eval_batch_size_of(config)}", "a smaller eval_batch_size"
+        else:
+            what = f"train step at batch_size={config.batch_size}"
+            advice = "a smaller batch_size, grad_accum_steps > 1 or model.activation_checkpointing=True"
+        detail = one_line(error).removeprefix("out of memory: ").split(" (try ")[0]
+        return MemoryError(f"out of memory in the {what}: {detail}; try {advice}")
 
     def close(self) -> None:
         self.checkpoints.wait()
@@ -318,9 +369,14 @@ class _Loop:
 
     def evaluate(self, step: int, params) -> None:
         """Validation loss, perplexity and bits per token on the first num_eval_batches batches of the eval split."""
+        self.phase = "evaluation"
+        self._evaluate(step, params)
+        self.phase = "train step"
+
+    def _evaluate(self, step: int, params) -> None:
         config = self.config
         if self.eval_iter is None:
-            self.eval_iter = self.datasets("eval", config.eval_batch_size // jax.process_count())
+            self.eval_iter = self.datasets("eval", eval_batch_size_of(config) // jax.process_count())
             self.eval_start = self.eval_iter.get_state()
         else:
             self.eval_iter.set_state(self.eval_start)
