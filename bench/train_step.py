@@ -132,8 +132,8 @@ def main() -> None:
     parser.add_argument("--remat-policy", default=None, help="rematerialise layers with this policy (default: off)")
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
-                        help="rows of logits the cross-entropy computes at once (default: train_step's, 2048; the "
-                             "bench's 4 x 256 latents are then one chunk)")
+                        help="rows of logits the cross-entropy computes at once (default: train_step's, 256, "
+                             "so the bench's 4 x 256 latents are 4 chunks; 0 = all at once)")
     parser.add_argument("--cores", default=None, help="CPU cores of both sides, e.g. 0,1 (default: all allowed)")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args()

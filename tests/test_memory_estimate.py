@@ -18,7 +18,7 @@ C4_455M = CausalLanguageModelConfig(
 LAYOUT = memory.StateLayout(params=453_950_720 * 4, optimizer=2 * 453_950_720 * 4, num_params=453_950_720)
 
 
-def train(rows, config=C4_455M, chunk_tokens=2048):
+def train(rows, config=C4_455M, chunk_tokens=256):
     return memory.estimate_train_step(config, LAYOUT, rows, config.max_seq_len, chunk_tokens)
 
 

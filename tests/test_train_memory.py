@@ -42,7 +42,8 @@ def test_an_explicit_eval_batch_size_is_used(tmp_path):
 def test_a_step_that_cannot_fit_stops_before_it_runs_in_one_line(tmp_path, monkeypatch):
     config = tiny_train_config(num_train_steps=2)
     # 2 MB free: the tiny model's state is there, a step of 8 sequences of 32 tokens does not fit, 1 sequence does
-    need = memory.estimate_train_step(training.model_config_from(config), _layout(config), 1, 32, 2048)
+    model_config = training.model_config_from(config)
+    need = memory.estimate_train_step(model_config, _layout(config), 1, 32, config.loss_chunk_tokens)
     free = need.added * jax.local_device_count() + 1
     monkeypatch.setattr(memory, "free_bytes", lambda device: free)
     with pytest.raises(memory.StepTooLargeError) as raised:

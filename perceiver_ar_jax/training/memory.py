@@ -1,6 +1,6 @@
 """What a training step needs in memory, estimated before it runs, and the largest batch that fits.
 
-    need = estimate_train_step(model_config, layout, rows=2, seq_len=1024, chunk_tokens=2048)
+    need = estimate_train_step(model_config, layout, rows=2, seq_len=1024, chunk_tokens=256)
     need.total                                      # bytes per device
     check_fits(need, free_bytes(device), ...)       # StepTooLargeError naming the batch_size that fits
 
