@@ -150,7 +150,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
             state, train_iter = restore_or_init(config, model_config, checkpoints, datasets, init_fn,
                                                 abstract_state, state_shardings)
             if config.get("check_memory", True):
-                check_step_memory(config, model_config, memory.StateLayout.of(abstract_state, state_shardings), mesh)
+                memory.check_step_memory(config, model_config, memory.StateLayout.of(abstract_state, state_shardings),
+                                         mesh)
             batch_sharding = partitioning.batch_sharding(mesh)
             replicated = partitioning.replicated(mesh)
             # the chunk is per device: the global batch's rows are split over the batch shards
@@ -171,41 +172,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
                 return loop.run(state, train_iter)
             except Exception as e:
                 if is_out_of_memory(e) and not isinstance(e, memory.StepTooLargeError):
-                    raise loop.out_of_memory(e) from e
+                    raise memory.out_of_memory_error(e, config, evaluating=loop.phase == "evaluation") from e
                 raise
         finally:
-            for iterator in (train_iter, loop and loop.eval_iter):
-                close = getattr(iterator, "close", None)
-                if close is not None:  # stop prefetch threads before the interpreter exits (a thread left in
-                    close()  # the tokenizer's C++ code aborts the process at exit)
+            # stop the prefetch threads before the interpreter exits (one left in the tokenizer's C++ aborts it)
+            for close in (getattr(it, "close", None) for it in (train_iter, loop and loop.eval_iter)):
+                close and close()
             if loop is not None:
                 loop.close()
             else:
                 checkpoints.close()
-
-
-def check_step_memory(config: ml_collections.ConfigDict, model_config, layout: memory.StateLayout, mesh) -> None:
-    """Before the first step: stop with StepTooLargeError (one line naming the batch size that fits) when the
-    estimated train step, or the eval step, needs more than the device's free memory (training/memory.py)."""
-    device = jax.local_devices()[0]
-    available = memory.free_bytes(device)
-    shards = partitioning.num_batch_shards(mesh)
-    # CPU devices of one process share the host's memory; each accelerator has its own
-    sharing = jax.local_device_count() if device.platform == "cpu" else 1
-    seq_len, chunk = model_config.max_seq_len, loss_chunk_tokens_of(config)
-    where = f"{device.platform} device {device.id}" if device.platform != "cpu" else "the host"
-    microbatch = config.batch_size // config.grad_accum_steps
-    need = memory.check_fits(
-        lambda rows: memory.estimate_train_step(model_config, layout, rows, seq_len, chunk), microbatch // shards,
-        available, devices_sharing=sharing, what="train step", field="batch_size", where=where,
-        rows_to_batch=lambda rows: rows * shards * config.grad_accum_steps)
-    if config.eval_every_steps:
-        memory.check_fits(
-            lambda rows: memory.estimate_eval_step(model_config, layout, rows, seq_len, chunk),
-            eval_batch_size_of(config) // shards, available, devices_sharing=sharing, what="eval step",
-            field="eval_batch_size", where=where, rows_to_batch=lambda rows: rows * shards)
-    logging.info("memory: the train step needs about %s; %s has %s free beyond the state", need.describe(), where,
-                 "an unknown amount" if available is None else f"{available / memory.GB:.1f} GB")
 
 
 def with_rules(rules, step: Callable) -> Callable:
@@ -239,17 +215,6 @@ class _Loop:
         self.eval_iter: ResumableIterator | None = None
         self.eval_start: dict[str, Any] | None = None
         self.phase = "train step"  # what runs now: named by an out-of-memory error
-
-    def out_of_memory(self, error: Exception) -> MemoryError:
-        """A failed allocation, as one line naming the step that ran out and the batch size to lower."""
-        config = self.config
-        if self.phase == "evaluation":
-            what, advice = f"evaluation at eval_batch_size={eval_batch_size_of(config)}", "a smaller eval_batch_size"
-        else:
-            what = f"train step at batch_size={config.batch_size}"
-            advice = "a smaller batch_size, grad_accum_steps > 1 or model.activation_checkpointing=True"
-        detail = one_line(error).removeprefix("out of memory: ").split(" (try ")[0]
-        return MemoryError(f"out of memory in the {what}: {detail}; try {advice}")
 
     def close(self) -> None:
         self.checkpoints.wait()

@@ -24,9 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from absl import logging
 
+from perceiver_ar_jax.errors import one_line
 from perceiver_ar_jax.model import CausalLanguageModelConfig
+from perceiver_ar_jax.training import partitioning
+from perceiver_ar_jax.training.config import eval_batch_size_of, loss_chunk_tokens_of
 
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -221,3 +226,38 @@ def check_fits(estimate: Callable[[int], StepMemory], rows: int, available: int 
     raise StepTooLargeError(
         f"the {what} at {field}={rows_to_batch(rows)} needs about {need.describe()}, and {where} has "
         f"{available / GB:.1f} GB free beyond the state; {advice}")
+
+
+def check_step_memory(config: ml_collections.ConfigDict, model_config, layout: StateLayout, mesh) -> None:
+    """Before the first step: stop with StepTooLargeError (one line naming the batch size that fits) when the
+    estimated train step, or the eval step, needs more than the device's free memory (training/memory.py)."""
+    device = jax.local_devices()[0]
+    available = free_bytes(device)
+    shards = partitioning.num_batch_shards(mesh)
+    # CPU devices of one process share the host's memory; each accelerator has its own
+    sharing = jax.local_device_count() if device.platform == "cpu" else 1
+    seq_len, chunk = model_config.max_seq_len, loss_chunk_tokens_of(config)
+    where = f"{device.platform} device {device.id}" if device.platform != "cpu" else "the host"
+    microbatch = config.batch_size // config.grad_accum_steps
+    need = check_fits(
+        lambda rows: estimate_train_step(model_config, layout, rows, seq_len, chunk), microbatch // shards,
+        available, devices_sharing=sharing, what="train step", field="batch_size", where=where,
+        rows_to_batch=lambda rows: rows * shards * config.grad_accum_steps)
+    if config.eval_every_steps:
+        check_fits(
+            lambda rows: estimate_eval_step(model_config, layout, rows, seq_len, chunk),
+            eval_batch_size_of(config) // shards, available, devices_sharing=sharing, what="eval step",
+            field="eval_batch_size", where=where, rows_to_batch=lambda rows: rows * shards)
+    logging.info("memory: the train step needs about %s; %s has %s free beyond the state", need.describe(), where,
+                 "an unknown amount" if available is None else f"{available / GB:.1f} GB")
+
+
+def out_of_memory_error(error: Exception, config: ml_collections.ConfigDict, evaluating: bool) -> MemoryError:
+    """A failed allocation while running, as one line naming the step that ran out and the batch size to lower."""
+    if evaluating:
+        what, advice = f"evaluation at eval_batch_size={eval_batch_size_of(config)}", "a smaller eval_batch_size"
+    else:
+        what = f"train step at batch_size={config.batch_size}"
+        advice = "a smaller batch_size, grad_accum_steps > 1 or model.activation_checkpointing=True"
+    detail = one_line(error).removeprefix("out of memory: ").split(" (try ")[0]
+    return MemoryError(f"out of memory in the {what}: {detail}; try {advice}")
