@@ -38,6 +38,12 @@ def test_the_455m_fine_tuning_batch_of_two_is_about_the_measured_peak():
     assert 9 * GB < need.total < 13 * GB
 
 
+def test_on_the_cpu_the_455m_batch_that_was_killed_is_refused_and_the_issues_batch_passes():
+    """Measured on a 24 GB host: batch_size=2 peaked at 12.9-13.3 GB RSS, batch_size=8 passed 24.3 GB (killed)."""
+    assert memory.estimate_train_step(C4_455M, LAYOUT, 8, 1024, 256, cpu=True).total > 24 * GB
+    assert memory.estimate_train_step(C4_455M, LAYOUT, 2, 1024, 256, cpu=True).added < 12 * GB
+
+
 def test_chunking_bounds_the_logits():
     unchunked = memory.logits_bytes(C4_455M, 256, 512, 0)
     chunked = memory.logits_bytes(C4_455M, 256, 512, 256)

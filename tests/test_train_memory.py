@@ -43,7 +43,7 @@ def test_a_step_that_cannot_fit_stops_before_it_runs_in_one_line(tmp_path, monke
     config = tiny_train_config(num_train_steps=2)
     # 2 MB free: the tiny model's state is there, a step of 8 sequences of 32 tokens does not fit, 1 sequence does
     model_config = training.model_config_from(config)
-    need = memory.estimate_train_step(model_config, _layout(config), 1, 32, config.loss_chunk_tokens)
+    need = memory.estimate_train_step(model_config, _layout(config), 1, 32, config.loss_chunk_tokens, cpu=True)
     free = need.added * jax.local_device_count() + 1
     monkeypatch.setattr(memory, "free_bytes", lambda device: free)
     with pytest.raises(memory.StepTooLargeError) as raised:

@@ -156,26 +156,39 @@ def logits_bytes(cfg: CausalLanguageModelConfig, rows: int, num_latents: int, ch
     return 3 * chunk_rows * cfg.vocab_size * 4 + accumulated
 
 
+# XLA's CPU backend keeps far more than the remat policy says: the 455M model at batch_size=2 peaked at 12.9 GB RSS,
+# and at batch_size=8 it passed 24.3 GB and was killed, at least 1.9 GB per 1024-token sequence where the policy
+# (dots_with_no_batch_dims_saveable) keeps 0.43 GB and every intermediate is 1.1 GB. On the CPU the estimate counts
+# every intermediate, this many times.
+CPU_ACTIVATION_FACTOR = 2
+
+
 def estimate_train_step(cfg: CausalLanguageModelConfig, layout: StateLayout, rows: int, seq_len: int,
-                        chunk_tokens: int) -> StepMemory:
+                        chunk_tokens: int, cpu: bool = False) -> StepMemory:
     """A train step on `rows` sequences per device per microbatch (gradient accumulation adds one gradient tree,
-    counted with the update)."""
+    counted with the update); cpu: XLA's CPU backend (CPU_ACTIVATION_FACTOR)."""
     compute = 0
     if cfg.dtype != cfg.param_dtype:
         compute = layout.params * _DTYPE_BYTES[cfg.dtype] // _DTYPE_BYTES[cfg.param_dtype]
+    if cpu:
+        activations = CPU_ACTIVATION_FACTOR * activation_bytes(cfg.replace(activation_checkpointing=False), rows,
+                                                               seq_len)
+    else:
+        activations = activation_bytes(cfg, rows, seq_len)
     return StepMemory(rows=rows, state=layout.params + layout.optimizer, gradients=2 * layout.params,
-                      compute_params=compute, activations=activation_bytes(cfg, rows, seq_len),
+                      compute_params=compute, activations=activations,
                       logits=logits_bytes(cfg, rows, min(cfg.max_latents, seq_len), chunk_tokens))
 
 
 def estimate_eval_step(cfg: CausalLanguageModelConfig, layout: StateLayout, rows: int, seq_len: int,
-                       chunk_tokens: int) -> StepMemory:
+                       chunk_tokens: int, cpu: bool = False) -> StepMemory:
     """An eval step (forward only) on `rows` sequences per device."""
     compute = 0
     if cfg.dtype != cfg.param_dtype:
         compute = layout.params * _DTYPE_BYTES[cfg.dtype] // _DTYPE_BYTES[cfg.param_dtype]
     return StepMemory(rows=rows, state=layout.params + layout.optimizer, gradients=0, compute_params=compute,
-                      activations=activation_bytes(cfg, rows, seq_len, train=False),
+                      activations=(CPU_ACTIVATION_FACTOR if cpu else 1) * activation_bytes(cfg, rows, seq_len,
+                                                                                          train=False),
                       logits=logits_bytes(cfg, rows, min(cfg.max_latents, seq_len), chunk_tokens, train=False))
 
 
@@ -235,17 +248,18 @@ def check_step_memory(config: ml_collections.ConfigDict, model_config, layout: S
     available = free_bytes(device)
     shards = partitioning.num_batch_shards(mesh)
     # CPU devices of one process share the host's memory; each accelerator has its own
-    sharing = jax.local_device_count() if device.platform == "cpu" else 1
+    cpu = device.platform == "cpu"
+    sharing = jax.local_device_count() if cpu else 1
     seq_len, chunk = model_config.max_seq_len, loss_chunk_tokens_of(config)
     where = f"{device.platform} device {device.id}" if device.platform != "cpu" else "the host"
     microbatch = config.batch_size // config.grad_accum_steps
     need = check_fits(
-        lambda rows: estimate_train_step(model_config, layout, rows, seq_len, chunk), microbatch // shards,
+        lambda rows: estimate_train_step(model_config, layout, rows, seq_len, chunk, cpu), microbatch // shards,
         available, devices_sharing=sharing, what="train step", field="batch_size", where=where,
         rows_to_batch=lambda rows: rows * shards * config.grad_accum_steps)
     if config.eval_every_steps:
         check_fits(
-            lambda rows: estimate_eval_step(model_config, layout, rows, seq_len, chunk),
+            lambda rows: estimate_eval_step(model_config, layout, rows, seq_len, chunk, cpu),
             eval_batch_size_of(config) // shards, available, devices_sharing=sharing, what="eval step",
             field="eval_batch_size", where=where, rows_to_batch=lambda rows: rows * shards)
     logging.info("memory: the train step needs about %s; %s has %s free beyond the state", need.describe(), where,
