@@ -1,7 +1,7 @@
 """Training-step throughput: our jitted train step against perceiver-io's, on the same machine in one run.
 
     python bench/train_step.py [--dtypes fp32,bf16] [--budget 60] [--ref-python /tmp/ref-venv/bin/python]
-                               [--skip-reference] [--cores 0,1] [--json OUT.json]
+                               [--skip-reference] [--cores 0,1] [--loss-chunk-tokens N] [--json OUT.json]
 
 The "bench" config of ../shared/reference/bench_torch.py: vocab 32000, 512 channels, 8 heads, 6 self-attention
 layers, max_seq_len 1024, 256 latents, no absolute position embedding, output norm, no output bias, no dropout;
@@ -54,7 +54,8 @@ def stats(xs: list[float]) -> dict[str, float]:
     return dict(min=min(xs), median=statistics.median(xs), max=max(xs), n=len(xs))
 
 
-def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_impl: str) -> dict:
+def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_impl: str,
+               loss_chunk_tokens: int | None = None) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -80,7 +81,9 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
     seq = rng.integers(0, config.vocab_size, size=(BATCH, SEQ_LEN + 1))
     batch = {"input_ids": jnp.asarray(seq[:, :-1], jnp.int32), "labels": jnp.asarray(seq[:, 1:], jnp.int32),
              "pad_mask": jnp.zeros((BATCH, SEQ_LEN), bool)}
-    step = jax.jit(lambda s, b: train_step(s, b, model=model, optimizer=optimizer), donate_argnums=(0,))
+    # the cross-entropy's chunk (rows x vocab logits at once); None: train_step's default
+    chunk = {} if loss_chunk_tokens is None else {"chunk_tokens": loss_chunk_tokens}
+    step = jax.jit(lambda s, b: train_step(s, b, model=model, optimizer=optimizer, **chunk), donate_argnums=(0,))
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -99,6 +102,7 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
                 tokens_per_s_latents=stats([BATCH * config.max_latents / t for t in times]),
                 tokens_per_s_seq=stats([BATCH * SEQ_LEN / t for t in times]), loss_first_last=[losses[0], losses[-1]],
                 num_params=int(num_params), remat_policy=remat_policy, attention_impl=attention_impl,
+                loss_chunk_tokens=loss_chunk_tokens,
                 jax=jax.__version__, devices=str(jax.devices()))
 
 
@@ -127,6 +131,9 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true", help="time our step only")
     parser.add_argument("--remat-policy", default=None, help="rematerialise layers with this policy (default: off)")
     parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=None,
+                        help="rows of logits the cross-entropy computes at once (default: train_step's, 256, "
+                             "so the bench's 4 x 256 latents are 4 chunks; 0 = all at once)")
     parser.add_argument("--cores", default=None, help="CPU cores of both sides, e.g. 0,1 (default: all allowed)")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args()
@@ -137,7 +144,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         if dtype not in DTYPES:
             raise SystemExit(f"--dtypes: {dtype!r} is not one of {sorted(DTYPES)}")
-        ours = bench_ours(dtype, args.budget, args.remat_policy, args.attention_impl)
+        ours = bench_ours(dtype, args.budget, args.remat_policy, args.attention_impl, args.loss_chunk_tokens)
         line = (f"{dtype} ours:      {ours['tokens_per_s_latents']['median']:8.1f} tok/s (latents), step "
                 f"{ours['step_s']['median']:.3f} s (min {ours['step_s']['min']:.3f}, n={ours['step_s']['n']}), "
                 f"CPU {ours['step_cpu_s']['median']:.2f} s/step, compile {ours['compile_s']:.1f} s")

@@ -69,7 +69,8 @@ def get_config():
     # --- evaluation and checkpoints (val_check_interval=500, limit_val_batches=20, log_every_n_steps=20) ---
     config.eval_every_steps = 500
     config.num_eval_batches = 20
-    config.eval_batch_size = 256
+    # eval_batch_size is left unset: evaluation follows batch_size (256 here, as Lightning's validation loader;
+    # a batch_size lowered to fit one host lowers it too)
     config.log_every_steps = 20
     config.checkpoint_every_steps = 1000
     config.sample_every_steps = 500

@@ -24,5 +24,4 @@ def get_config():
     config.data.min_seq_len = 1024
     # 8x the tokens per sequence: an eighth of the sequences per step keeps the tokens per step
     config.batch_size = 32
-    config.eval_batch_size = 32
     return config

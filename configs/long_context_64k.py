@@ -35,5 +35,4 @@ def get_config():
 
     # 32 sequences x 65,536 tokens = 2.1M tokens and 32,768 latent (loss) positions per step
     config.batch_size = 32
-    config.eval_batch_size = 32
     return config

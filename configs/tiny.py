@@ -48,7 +48,6 @@ def get_config():
     config.log_every_steps = 20
     config.eval_every_steps = 100
     config.num_eval_batches = 4
-    config.eval_batch_size = 16
     config.checkpoint_every_steps = 100
     config.keep_checkpoints = 2
     config.sample_every_steps = 200

@@ -111,3 +111,12 @@ def test_one_line_names_the_path_of_a_missing_file_and_advises_on_memory():
         "No such file or directory: corpus/"
     oom = one_line(RuntimeError("RESOURCE_EXHAUSTED: Out of memory\nwhile allocating"))
     assert "\n" not in oom and oom.startswith("out of memory: RESOURCE_EXHAUSTED") and "batch_size" in oom
+
+
+def test_the_cpu_clients_failed_allocation_is_out_of_memory_in_one_short_line():
+    import jax
+
+    error = jax.errors.JaxRuntimeError("INTERNAL: " + "Error dispatching computation: " * 19
+                                       + "Out of memory allocating 25584336896 bytes.")
+    assert exit_status(error) == EXIT_OUT_OF_MEMORY
+    assert one_line(error).startswith("out of memory: INTERNAL: Out of memory allocating 25584336896 bytes.")

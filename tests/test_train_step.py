@@ -101,7 +101,8 @@ def test_train_step_applies_clipped_adamw_to_the_loss_gradient():
     model, _, state = new_state(optimizer=optimizer)
     batches = [batch(seed=0), batch(seed=1)]
     step = jax.jit(lambda s, b: _train_step(s, b, model=model, optimizer=optimizer))
-    grad = jax.jit(jax.grad(lambda p, b: (lambda s: s["loss_sum"] / s["num_tokens"])(
+    # "objective" is the differentiable sum (loss_sum is a metric, its gradient stopped)
+    grad = jax.jit(jax.grad(lambda p, b: (lambda s: s["objective"] / s["num_tokens"])(
         loss_sums(model, p, b, deterministic=True))))
 
     params = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]

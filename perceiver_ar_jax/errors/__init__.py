@@ -8,6 +8,7 @@ that line as `error: ...` and exit with the status of `exit_status` (`console.ru
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -92,9 +93,11 @@ def exit_status(error: BaseException) -> int:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """MemoryError, or XLA's RESOURCE_EXHAUSTED when an allocation fails (jax.errors.JaxRuntimeError)."""
+    """MemoryError, or a failed allocation of XLA's (jax.errors.JaxRuntimeError): RESOURCE_EXHAUSTED on an
+    accelerator, "INTERNAL: ... Out of memory allocating N bytes" on the CPU."""
     text = str(error)
-    return isinstance(error, MemoryError) or ("RESOURCE_EXHAUSTED" in text and "memory" in text.lower())
+    return (isinstance(error, MemoryError) or ("RESOURCE_EXHAUSTED" in text and "memory" in text.lower())
+            or (isinstance(error, RuntimeError) and "out of memory" in text.lower()))
 
 
 def one_line(error: BaseException, limit: int = 600) -> str:
@@ -103,6 +106,8 @@ def one_line(error: BaseException, limit: int = 600) -> str:
     if isinstance(error, OSError) and not isinstance(error, (StorageUnavailableError,)) and error.filename:
         text = f"{error.strerror or text}: {error.filename}"  # "[Errno 2] No such file..." -> "No such file...: x"
     if is_out_of_memory(error) and not isinstance(error, MemoryError):
+        # XLA's CPU client repeats its prefix once per nested dispatch
+        text = re.sub(r"(Error dispatching computation: )+", "", text)
         text = ("out of memory: " + text + " (try a smaller batch_size, grad_accum_steps > 1 or "
                 "model.activation_checkpointing=True)")
     return text if len(text) <= limit else text[: limit - 1] + "…"

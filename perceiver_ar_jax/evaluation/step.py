@@ -22,9 +22,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from perceiver_ar_jax.evaluation.windows import Rows, WindowSpec
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model import CausalLanguageModel, output_params
 from perceiver_ar_jax.training import partitioning
-from perceiver_ar_jax.training.step import token_losses
+from perceiver_ar_jax.training.loss import DEFAULT_CHUNK_TOKENS, chunked_token_losses
+from perceiver_ar_jax.training.step import project_with
 
 
 def default_mesh() -> Mesh:
@@ -41,10 +42,13 @@ def param_shardings(model: CausalLanguageModel, mesh: Mesh,
 
 
 def window_losses(params: Any, batch: dict[str, jnp.ndarray], *, model: CausalLanguageModel,
-                  prefix_len: int) -> jnp.ndarray:
-    """input_ids, pad_mask (batch, W), labels (batch, n) -> cross-entropy (batch, n) float32 of each latent."""
-    logits = model.apply({"params": params}, batch["input_ids"], prefix_len=prefix_len, pad_mask=batch["pad_mask"])
-    return token_losses(logits, batch["labels"])[0]
+                  prefix_len: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> jnp.ndarray:
+    """input_ids, pad_mask (batch, W), labels (batch, n) -> cross-entropy (batch, n) float32 of each latent; the
+    logits of chunk_tokens rows at a time (training/loss.py), never all (batch, n, vocab) of them."""
+    hidden = model.apply({"params": params}, batch["input_ids"], prefix_len=prefix_len, pad_mask=batch["pad_mask"],
+                         method="hidden")
+    return chunked_token_losses(project_with(model), output_params(params), hidden, batch["labels"],
+                                chunk_tokens=chunk_tokens)[0]
 
 
 @functools.lru_cache(maxsize=8)
@@ -54,7 +58,9 @@ def compiled_step(config, prefix_len: int, mesh: Mesh):
     model = CausalLanguageModel(config)
     shardings = param_shardings(model, mesh)
     batch_sharding = partitioning.batch_sharding(mesh)
-    step = jax.jit(functools.partial(window_losses, model=model, prefix_len=prefix_len),
+    # the chunk is per device: the batch's rows are split over the batch shards
+    chunk_tokens = DEFAULT_CHUNK_TOKENS * partitioning.num_batch_shards(mesh)
+    step = jax.jit(functools.partial(window_losses, model=model, prefix_len=prefix_len, chunk_tokens=chunk_tokens),
                    in_shardings=(shardings, batch_sharding), out_shardings=batch_sharding)
     return step, shardings
 

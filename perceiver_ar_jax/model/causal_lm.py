@@ -33,7 +33,9 @@ class CausalLanguageModel(nn.Module):
     """Perceiver AR for causal language modelling.
 
     `model.apply({"params": params}, input_ids, prefix_len=p, pad_mask=mask)` returns the logits of the latent
-    positions, (batch, N - p, vocab_size), float32.
+    positions, (batch, N - p, vocab_size), float32. A loss over a large vocabulary takes `method="hidden"` instead
+    (the output-normed latents, (batch, N - p, channels)) and `method="project"` on chunks of them
+    (training/loss.py), so that all the logits never exist at once.
     """
 
     config: CausalLanguageModelConfig
@@ -70,6 +72,17 @@ class CausalLanguageModel(nn.Module):
     ) -> jnp.ndarray:
         """input_ids (batch, N) int; prefix_len a Python int in [0, N) and <= max_seq_len - max_latents;
         pad_mask (batch, N) bool, True = pad, rows left-padded, or None. Returns (batch, N - prefix_len, vocab)."""
+        return self.project(self.hidden(input_ids, prefix_len, pad_mask, deterministic))
+
+    def hidden(
+        self,
+        input_ids: jnp.ndarray,
+        prefix_len: int,
+        pad_mask: jnp.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> jnp.ndarray:
+        """The arguments of `__call__` -> the rows the output projection takes: the last layer's latents after the
+        output norm, (batch, N - prefix_len, channels)."""
         cfg = self.config
         batch_size, seq_len = input_ids.shape
         prefix_len = self.check_prefix_len(prefix_len, seq_len)
@@ -93,7 +106,7 @@ class CausalLanguageModel(nn.Module):
         mask = AttentionMask(num_latents, num_latents, causal=True)  # no pad mask here, as in perceiver-io
         for layer in self.self_attention_layers:
             x_latent, _ = layer(x_latent, latent_angles, mask, deterministic)
-        return self.logits(x_latent)
+        return self.normalize_output(x_latent)
 
     # ------------------------------------------------------------------------------------------------------------
     def check_prefix_len(self, prefix_len, seq_len: int) -> int:
@@ -128,8 +141,15 @@ class CausalLanguageModel(nn.Module):
 
     def logits(self, x_latent: jnp.ndarray) -> jnp.ndarray:
         """(batch, latents, channels) -> float32 logits (batch, latents, vocab) through the tied embedding."""
-        if self.config.output_norm:
-            x_latent = self.out_norm(x_latent)
+        return self.project(self.normalize_output(x_latent))
+
+    def normalize_output(self, x_latent: jnp.ndarray) -> jnp.ndarray:
+        """The optional LayerNorm before the output projection (per row, so it may run before chunking)."""
+        return self.out_norm(x_latent) if self.config.output_norm else x_latent
+
+    def project(self, x_latent: jnp.ndarray) -> jnp.ndarray:
+        """Output-normed rows (batch, n, channels) -> float32 logits (batch, n, vocab) through the tied embedding
+        (+ bias). Reads only the parameters of OUTPUT_PARAMS, so a loss may apply it to those alone."""
         batch_size, num_latents, channels = x_latent.shape
         rows = x_latent.astype(self.config.dtype).reshape(-1, channels)
         if self.has_variable("params", "output_projection"):  # decoding with prepared weights (model/weights.py)
@@ -142,6 +162,15 @@ class CausalLanguageModel(nn.Module):
         if self.config.output_bias:
             logits = logits + self.output_bias.astype(jnp.float32)
         return logits
+
+
+# the parameters that `CausalLanguageModel.project` reads (those present in a model's tree)
+OUTPUT_PARAMS = ("token_embedding", "output_bias", "output_projection")
+
+
+def output_params(params: Any) -> dict[str, Any]:
+    """The part of a parameter tree that the output projection reads (its gradient is all the loss adds)."""
+    return {name: params[name] for name in OUTPUT_PARAMS if name in params}
 
 
 def abstract_params(config: CausalLanguageModelConfig) -> Any:

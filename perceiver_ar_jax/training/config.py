@@ -11,10 +11,12 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from perceiver_ar_jax.data.config import check_data_config, data_config_defaults
 from perceiver_ar_jax.errors import ConfigError, check
 from perceiver_ar_jax.model import CausalLanguageModelConfig
+from perceiver_ar_jax.training.loss import DEFAULT_CHUNK_TOKENS
 from perceiver_ar_jax.training.partitioning import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 
 
@@ -60,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.z_loss_weight = 0.0
     # seed of parameter init, dropout and the data order
     config.seed = 0
+    # rows (batch x latent positions, per device) whose logits the cross-entropy computes at once, in train and
+    # eval steps, so that (batch, latents, vocab) float32 logits never exist at once (training/loss.py); 0 = all
+    config.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
+    # before the first step, stop (exit status 4, naming the batch size that fits) when the estimated memory of the
+    # train or eval step is over the device's free memory (training/memory.py); False = run anyway
+    config.check_memory = True
 
     # --- evaluation, logging, samples ---
     # print a progress line and write train scalars every this many steps
@@ -68,8 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     # ... on the first this many batches of the eval split (the same batches every time)
     config.num_eval_batches = 20
-    # global batch size of evaluation
-    config.eval_batch_size = 256
+    # global batch size of evaluation; None or 0 = follow training: batch_size / grad_accum_steps, the rows of one
+    # training forward pass (a batch lowered to fit a host makes evaluation fit too; `eval_batch_size_of`)
+    config.eval_batch_size = config_dict.placeholder(int)
     # write TensorBoard event files into the workdir (process 0)
     config.tensorboard = True
     # sample a continuation of sample_prompt every this many steps (needs the sampler and a tokenizer)
@@ -139,9 +148,14 @@ def check_config(config: ml_collections.ConfigDict, num_batch_shards: int | None
     def need(ok: bool, field: str, allowed: str) -> None:
         check(ok, field, _get(config, field), allowed)
 
-    for field in ("num_train_steps", "grad_accum_steps", "num_eval_batches", "batch_size", "eval_batch_size",
-                  "keep_checkpoints"):
+    for field in ("num_train_steps", "grad_accum_steps", "num_eval_batches", "batch_size", "keep_checkpoints"):
         need(_is_int(_get(config, field)) and _get(config, field) >= 1, field, "an integer >= 1")
+    eval_batch_size = config.get("eval_batch_size")
+    need(eval_batch_size is None or (_is_int(eval_batch_size) and eval_batch_size >= 0), "eval_batch_size",
+         "an integer >= 1, or None or 0 (= batch_size / grad_accum_steps)")
+    need(_is_int(config.get("loss_chunk_tokens", 0)) and config.get("loss_chunk_tokens", 0) >= 0,
+         "loss_chunk_tokens", "an integer >= 0 (0 = all logits at once)")
+    need(isinstance(config.get("check_memory", True), bool), "check_memory", "True or False")
     for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "sample_every_steps"):
         need(_is_int(_get(config, field)) and _get(config, field) >= 0, field, "an integer >= 0 (0 = never)")
     need(config.z_loss_weight >= 0, "z_loss_weight", ">= 0 (0 = off)")
@@ -160,12 +174,24 @@ def check_config(config: ml_collections.ConfigDict, num_batch_shards: int | None
     need(config.distributed.initialize in ("auto", "yes", "no"), "distributed.initialize", "'auto', 'yes' or 'no'")
     if num_batch_shards is not None:
         for field, microbatches in (("batch_size", config.grad_accum_steps), ("eval_batch_size", 1)):
-            size = config[field]
+            size = config.batch_size if field == "batch_size" else eval_batch_size_of(config)
             accum = f" x grad_accum_steps ({microbatches})" if microbatches > 1 else ""
             need(size % (process_count * microbatches * num_batch_shards) == 0, field,
                  f"a multiple of processes ({process_count}){accum} x the data-parallel devices "
                  f"(data x fsdp = {num_batch_shards})")
     return model_config
+
+
+def eval_batch_size_of(config: ml_collections.ConfigDict) -> int:
+    """The global batch of evaluation: eval_batch_size when set (> 0), else the training microbatch
+    batch_size / grad_accum_steps (a forward pass of that many rows fits, since training's does)."""
+    size = config.get("eval_batch_size")
+    return size if size else config.batch_size // config.grad_accum_steps
+
+
+def loss_chunk_tokens_of(config: ml_collections.ConfigDict) -> int:
+    """loss_chunk_tokens, with the default for a config written before the field existed."""
+    return config.get("loss_chunk_tokens", DEFAULT_CHUNK_TOKENS)
 
 
 def check_optimizer_config(config: ml_collections.ConfigDict) -> None:

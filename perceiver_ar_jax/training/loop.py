@@ -26,13 +26,13 @@ import numpy as np
 from absl import logging
 
 from perceiver_ar_jax.checkpoints import TrainingCheckpoints, workdir_path
-from perceiver_ar_jax.errors import NonFiniteLossError, check, one_line
+from perceiver_ar_jax.errors import NonFiniteLossError, check, is_out_of_memory, one_line
 from perceiver_ar_jax.errors.console import FILE_ONLY, LogFile
 from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.training import memory, partitioning
 from perceiver_ar_jax.training import metrics as metrics_lib
 from perceiver_ar_jax.training import optimizer as optimizer_lib
-from perceiver_ar_jax.training import partitioning
-from perceiver_ar_jax.training.config import check_config
+from perceiver_ar_jax.training.config import check_config, eval_batch_size_of, loss_chunk_tokens_of
 from perceiver_ar_jax.training.state import (
     check_same_parameters,
     make_init_fn,
@@ -145,24 +145,39 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, datasets: Da
     with jax.set_mesh(mesh):
         checkpoints = TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
                                           async_save=config.async_checkpointing)
-        loop = None
+        loop = train_iter = None
         try:
             state, train_iter = restore_or_init(config, model_config, checkpoints, datasets, init_fn,
                                                 abstract_state, state_shardings)
+            if config.get("check_memory", True):
+                memory.check_step_memory(config, model_config, memory.StateLayout.of(abstract_state, state_shardings),
+                                         mesh)
             batch_sharding = partitioning.batch_sharding(mesh)
             replicated = partitioning.replicated(mesh)
+            # the chunk is per device: the global batch's rows are split over the batch shards
+            chunk_tokens = loss_chunk_tokens_of(config) * partitioning.num_batch_shards(mesh)
             p_train_step = jax.jit(
                 with_rules(rules, lambda s, b: train_step(s, b, model=model, optimizer=optimizer,
                                                           num_microbatches=config.grad_accum_steps,
-                                                          z_loss_weight=config.z_loss_weight)),
+                                                          z_loss_weight=config.z_loss_weight,
+                                                          chunk_tokens=chunk_tokens)),
                 in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                 donate_argnums=(0,))
-            p_eval_step = jax.jit(with_rules(rules, lambda p, b: eval_step(p, b, model=model)),
+            p_eval_step = jax.jit(with_rules(rules, lambda p, b: eval_step(p, b, model=model,
+                                                                            chunk_tokens=chunk_tokens)),
                                   in_shardings=(state_shardings.params, batch_sharding), out_shardings=replicated)
             loop = _Loop(config, workdir, model, tokenizer, mesh, checkpoints, datasets, p_train_step, p_eval_step,
                          schedule, start_writing)
-            return loop.run(state, train_iter)
+            try:
+                return loop.run(state, train_iter)
+            except Exception as e:
+                if is_out_of_memory(e) and not isinstance(e, memory.StepTooLargeError):
+                    raise memory.out_of_memory_error(e, config, evaluating=loop.phase == "evaluation") from e
+                raise
         finally:
+            # stop the prefetch threads before the interpreter exits (one left in the tokenizer's C++ aborts it)
+            for close in (getattr(it, "close", None) for it in (train_iter, loop and loop.eval_iter)):
+                close and close()
             if loop is not None:
                 loop.close()
             else:
@@ -199,6 +214,7 @@ class _Loop:
         # the eval stream, made on first use and rewound to its start for every evaluation
         self.eval_iter: ResumableIterator | None = None
         self.eval_start: dict[str, Any] | None = None
+        self.phase = "train step"  # what runs now: named by an out-of-memory error
 
     def close(self) -> None:
         self.checkpoints.wait()
@@ -318,9 +334,14 @@ class _Loop:
 
     def evaluate(self, step: int, params) -> None:
         """Validation loss, perplexity and bits per token on the first num_eval_batches batches of the eval split."""
+        self.phase = "evaluation"
+        self._evaluate(step, params)
+        self.phase = "train step"
+
+    def _evaluate(self, step: int, params) -> None:
         config = self.config
         if self.eval_iter is None:
-            self.eval_iter = self.datasets("eval", config.eval_batch_size // jax.process_count())
+            self.eval_iter = self.datasets("eval", eval_batch_size_of(config) // jax.process_count())
             self.eval_start = self.eval_iter.get_state()
         else:
             self.eval_iter.set_state(self.eval_start)

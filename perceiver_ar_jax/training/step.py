@@ -10,6 +10,7 @@ batch is split over devices or microbatches).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from perceiver_ar_jax.model import CausalLanguageModel
+from perceiver_ar_jax.model import CausalLanguageModel, output_params
+from perceiver_ar_jax.training.loss import DEFAULT_CHUNK_TOKENS, chunked_token_losses, fused_loss_sums, token_losses
+
+__all__ = ["Batch", "TrainState", "eval_step", "loss_sums", "prefix_len_of", "project_with", "split_microbatches",
+           "token_losses", "train_step"]
 
 Batch = Mapping[str, jnp.ndarray]
 
@@ -45,29 +50,31 @@ def prefix_len_of(model: CausalLanguageModel, seq_len: int) -> int:
     return seq_len - max_latents
 
 
-def token_losses(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """logits (batch, n, vocab) float32, labels (batch, n) int -> cross-entropy and log Z, both (batch, n) float32."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logits = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return log_z - label_logits, log_z
+def project_with(model: CausalLanguageModel):
+    """The model's output projection as a loss takes it: (output params, rows (batch, c, channels)) -> float32
+    logits (batch, c, vocab); `output_params(params)` are its parameters."""
+    return functools.partial(_project, model)
+
+
+def _project(model: CausalLanguageModel, out_params: Any, rows: jnp.ndarray) -> jnp.ndarray:
+    return model.apply({"params": out_params}, rows, method="project")
 
 
 def loss_sums(model: CausalLanguageModel, params: Any, batch: Batch, *, deterministic: bool,
-              dropout_rng: jax.Array | None = None) -> dict[str, jnp.ndarray]:
-    """Forward pass on one (micro)batch -> sums over its loss positions: cross-entropy, log Z squared and the
-    number of loss positions (float32 scalars)."""
+              dropout_rng: jax.Array | None = None, z_loss_weight: float = 0.0,
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, jnp.ndarray]:
+    """Forward pass on one (micro)batch -> sums over its loss positions, float32 scalars: `objective` (cross-entropy
+    + z_loss_weight x log Z squared, the one differentiable value), the cross-entropy, log Z squared and the number
+    of loss positions. The logits are computed chunk_tokens rows at a time (training/loss.py)."""
     input_ids, labels, pad_mask = batch["input_ids"], batch["labels"], batch["pad_mask"]
     prefix_len = prefix_len_of(model, input_ids.shape[1])
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    logits = model.apply({"params": params}, input_ids, prefix_len=prefix_len, pad_mask=pad_mask,
-                         deterministic=deterministic, rngs=rngs)
+    hidden = model.apply({"params": params}, input_ids, prefix_len=prefix_len, pad_mask=pad_mask,
+                         deterministic=deterministic, rngs=rngs, method="hidden")
     weights = (~pad_mask[:, prefix_len:]).astype(jnp.float32)
-    ce, log_z = token_losses(logits, labels[:, prefix_len:])
-    return {
-        "loss_sum": jnp.sum(ce * weights),
-        "z_loss_sum": jnp.sum(jnp.square(log_z) * weights),
-        "num_tokens": jnp.sum(weights),
-    }
+    sums = fused_loss_sums(project_with(model), output_params(params), hidden, labels[:, prefix_len:], weights,
+                           z_loss_weight=z_loss_weight, chunk_tokens=chunk_tokens)
+    return {**sums, "num_tokens": jnp.sum(weights)}
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -90,8 +97,10 @@ def train_step(
     optimizer: optax.GradientTransformation,
     num_microbatches: int = 1,
     z_loss_weight: float = 0.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimizer update on a global batch, gradients accumulated over `num_microbatches` slices of it.
+    chunk_tokens: rows (batch x latents) of the microbatch whose logits are computed at once (0 = all).
 
     The objective is sum(cross-entropy + z_loss_weight * logZ^2) / number of loss positions, over the whole batch.
     Returns the new state and metrics: loss (mean cross-entropy), z_loss, num_tokens, grad_norm (before clipping),
@@ -102,8 +111,9 @@ def train_step(
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def objective(params, microbatch, rng):
-        sums = loss_sums(model, params, microbatch, deterministic=False, dropout_rng=rng)
-        return (sums["loss_sum"] + z_loss_weight * sums["z_loss_sum"]) / num_tokens, sums
+        sums = loss_sums(model, params, microbatch, deterministic=False, dropout_rng=rng,
+                         z_loss_weight=z_loss_weight, chunk_tokens=chunk_tokens)
+        return sums.pop("objective") / num_tokens, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_microbatches == 1:
@@ -132,7 +142,14 @@ def train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: CausalLanguageModel) -> dict[str, jnp.ndarray]:
-    """Deterministic forward pass -> {"loss_sum", "num_tokens"} over the loss positions of the batch."""
-    sums = loss_sums(model, params, batch, deterministic=True)
-    return {"loss_sum": sums["loss_sum"], "num_tokens": sums["num_tokens"]}
+def eval_step(params: Any, batch: Batch, *, model: CausalLanguageModel,
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[str, jnp.ndarray]:
+    """Deterministic forward pass -> {"loss_sum", "num_tokens"} over the loss positions of the batch; the logits
+    computed chunk_tokens rows at a time (no gradient: nothing else is kept)."""
+    input_ids, labels, pad_mask = batch["input_ids"], batch["labels"], batch["pad_mask"]
+    prefix_len = prefix_len_of(model, input_ids.shape[1])
+    hidden = model.apply({"params": params}, input_ids, prefix_len=prefix_len, pad_mask=pad_mask, method="hidden")
+    ce, _ = chunked_token_losses(project_with(model), output_params(params), hidden, labels[:, prefix_len:],
+                                 chunk_tokens=chunk_tokens)
+    weights = (~pad_mask[:, prefix_len:]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * weights), "num_tokens": jnp.sum(weights)}
