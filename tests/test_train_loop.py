@@ -57,8 +57,18 @@ def test_tiny_run_learns_and_leaves_a_loadable_workdir(tmp_path):
     assert_trees_equal(params, result.state.params)
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Ctrl-C handled as in a terminal: pytest started as a background job (`&`, some CI runners) inherits an
+    ignored SIGINT, which StopSignal rightly leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(uninterrupted, tmp_path, signum):
+def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(uninterrupted, tmp_path, signum,
+                                                                          sigint_as_in_a_terminal):
     config, _, reference = uninterrupted
     stopped = run(config, tmp_path, SignalAtBatch(synthetic_datasets(config), index=4, signum=signum))
     assert stopped.stopped_early and stopped.stopped_by == signum  # train.py exits with 128 + signum
