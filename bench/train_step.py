@@ -1,7 +1,8 @@
 """Training-step throughput: our jitted train step against perceiver-io's, on the same machine in one run.
 
     python bench/train_step.py [--dtypes fp32,bf16] [--budget 60] [--ref-python /tmp/ref-venv/bin/python]
-                               [--skip-reference] [--cores 0,1] [--loss-chunk-tokens N] [--json OUT.json]
+                               [--skip-reference] [--cores 0,1] [--loss-chunk-tokens N] [--no-reuse-host-memory]
+                               [--json OUT.json]
 
 The "bench" config of ../shared/reference/bench_torch.py: vocab 32000, 512 channels, 8 heads, 6 self-attention
 layers, max_seq_len 1024, 256 latents, no absolute position embedding, output norm, no output bias, no dropout;
@@ -11,6 +12,12 @@ batch 4 x 1024 tokens (prefix 768), AdamW lr 3e-4. The reference step is `LitCau
 bfloat16 compute (float32 parameters and optimizer state). tokens/s count batch x latents (the positions trained).
 Both sides run on the same cores (--cores, default all this process may use): ours pinned, the reference started
 on them with one torch thread per core (bench/cores.py).
+
+It also prints the step's FLOPs (XLA's cost analysis of our compiled step; the reference computes the same model)
+and the matmul peaks measured in the same run on the same cores: a 2048^3 product in float32 and in
+bfloat16 x bfloat16 -> float32, in JAX and in torch. Each side's step is then given as a fraction of its own
+library's peak of both dtypes (FLOPs / step time / peak). --no-reuse-host-memory times our step without
+`backend.reuse_host_memory` (every step page-faults its buffers in again, as before it existed).
 """
 
 from __future__ import annotations
@@ -48,6 +55,56 @@ def repeat(fn, warmup: int, budget_s: float, min_runs: int = 3, max_runs: int = 
         if len(times) >= min_runs and time.perf_counter() - start + times[-1] > budget_s:
             break
     return times, cpu_times
+
+
+PEAK_N = 2048  # the matmul peaks: one N^3 product, best of a few runs
+
+TORCH_PEAK = f"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+n = {PEAK_N}
+a, b = torch.randn(n, n), torch.randn(n, n)
+out = {{}}
+for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    x, y = a.to(dtype), b.to(dtype)
+    x @ y
+    times = []
+    for _ in range(8):
+        t0 = time.perf_counter()
+        x @ y
+        times.append(time.perf_counter() - t0)
+    out[name] = 2 * n ** 3 / min(times) / 1e9
+print(json.dumps(out))
+"""
+
+
+def jax_peaks() -> dict[str, float]:
+    """GFLOP/s of one 2048^3 product in JAX: float32, and bfloat16 operands with float32 accumulation."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (PEAK_N, PEAK_N))
+    out = {}
+    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        x = a.astype(dtype)
+        product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+        product(x, x).block_until_ready()
+        times = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            product(x, x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[name] = 2 * PEAK_N ** 3 / min(times) / 1e9
+    return out
+
+
+def torch_peaks(ref_python: str, cores: list[int]) -> dict[str, float]:
+    """The same products in torch, on the same cores with one thread per core."""
+    proc = subprocess.run([ref_python, "-c", TORCH_PEAK, str(len(cores))], capture_output=True, text=True,
+                          **on_cores(cores))
+    if proc.returncode != 0:
+        raise SystemExit(f"torch peak failed ({ref_python}):\n{proc.stdout}{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def stats(xs: list[float]) -> dict[str, float]:
@@ -88,6 +145,8 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
     holder = {"state": state}
     losses = []
 
@@ -101,8 +160,8 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
                 step_cpu_s=stats(cpu_times),  # all threads' CPU time: steadier than wall time on a busy machine
                 tokens_per_s_latents=stats([BATCH * config.max_latents / t for t in times]),
                 tokens_per_s_seq=stats([BATCH * SEQ_LEN / t for t in times]), loss_first_last=[losses[0], losses[-1]],
-                num_params=int(num_params), remat_policy=remat_policy, attention_impl=attention_impl,
-                loss_chunk_tokens=loss_chunk_tokens,
+                num_params=int(num_params), step_flops=float(cost.get("flops", 0.0)), remat_policy=remat_policy,
+                attention_impl=attention_impl, loss_chunk_tokens=loss_chunk_tokens,
                 jax=jax.__version__, devices=str(jax.devices()))
 
 
@@ -135,10 +194,27 @@ def main() -> None:
                         help="rows of logits the cross-entropy computes at once (default: train_step's, 256, "
                              "so the bench's 4 x 256 latents are 4 chunks; 0 = all at once)")
     parser.add_argument("--cores", default=None, help="CPU cores of both sides, e.g. 0,1 (default: all allowed)")
+    parser.add_argument("--no-reuse-host-memory", action="store_true",
+                        help="leave glibc's allocator as it is (every step maps its buffers afresh)")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args()
     cores = pin_cores(args.cores)  # before JAX starts its thread pools
     print(f"both sides on cores {cores} ({len(cores)} torch threads)", flush=True)
+    if not args.no_reuse_host_memory:
+        from perceiver_ar_jax import backend
+
+        print(f"backend.reuse_host_memory: {backend.reuse_host_memory()}")
+    peaks = {"ours": jax_peaks()}
+    if not args.skip_reference:
+        peaks["reference"] = torch_peaks(args.ref_python, cores)
+    for side, peak in peaks.items():
+        print(f"{side} {PEAK_N}^3 matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 (f32 accumulation) "
+              f"{peak['bf16']:.0f} GFLOP/s", flush=True)
+
+    def fractions(side: str, step_s: float, flops: float) -> str:
+        peak = peaks[side]
+        return (f"{flops / step_s / 1e9:.0f} GFLOP/s = {flops / step_s / 1e9 / peak['fp32']:.0%} of the fp32 peak, "
+                f"{flops / step_s / 1e9 / peak['bf16']:.0%} of the bf16 peak")
 
     results = []
     for dtype in args.dtypes.split(","):
@@ -149,6 +225,9 @@ def main() -> None:
                 f"{ours['step_s']['median']:.3f} s (min {ours['step_s']['min']:.3f}, n={ours['step_s']['n']}), "
                 f"CPU {ours['step_cpu_s']['median']:.2f} s/step, compile {ours['compile_s']:.1f} s")
         print(line, flush=True)
+        flops = ours["step_flops"]
+        print(f"{dtype} step: {flops / 1e9:.1f} GFLOP; ours {fractions('ours', ours['step_s']['median'], flops)}",
+              flush=True)
         entry = {"dtype": dtype, "ours": ours}
         if not args.skip_reference:
             ref = bench_reference(dtype, args.budget, args.ref_python, args.ref_script, cores)
@@ -157,6 +236,7 @@ def main() -> None:
             ratio_best = ours["tokens_per_s_latents"]["max"] / ref["tokens_per_s_latents"]["max"]
             print(f"{dtype} perceiver-io: {ref['tokens_per_s_latents']['median']:8.1f} tok/s (latents), step "
                   f"{ref['step_s']['median']:.3f} s (min {ref['step_s']['min']:.3f}, n={ref['step_s']['n']})")
+            print(f"{dtype} perceiver-io {fractions('reference', ref['step_s']['median'], flops)}")
             print(f"{dtype} ratio ours / perceiver-io: {ratio:.2f}x (median tokens/s), {ratio_best:.2f}x (best step)",
                   flush=True)
             entry.update(reference=ref, ratio_median=ratio, ratio_best=ratio_best)
@@ -164,7 +244,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": BENCH_MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "cores": cores,
-                       "results": results}, f, indent=1)
+                       "peaks_gflops": peaks, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

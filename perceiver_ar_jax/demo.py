@@ -69,11 +69,12 @@ def run_demo(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from perceiver_ar_jax import checkpoints, training
+    from perceiver_ar_jax import backend, checkpoints, training
     from perceiver_ar_jax.model import CausalLanguageModel
     from perceiver_ar_jax.sampling import generate
     from perceiver_ar_jax.tokenizer import Tokenizer, train_tokenizer
 
+    backend.reuse_host_memory()  # before JAX's first computation: each step reuses the last one's buffers
     workdir = Path(args.workdir).resolve()
     config = load_config_file(TINY_CONFIG)
     if args.steps is not None:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from perceiver_ar_jax import backend
 from perceiver_ar_jax.checkpoints import TrainingCheckpoints, workdir_path
 from perceiver_ar_jax.errors import NonFiniteLossError, check, is_out_of_memory, one_line
 from perceiver_ar_jax.errors.console import FILE_ONLY, LogFile
@@ -96,6 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     datasets: overrides the input pipeline (tests, custom data); default: perceiver_ar_jax.data per config.data.
     """
+    backend.reuse_host_memory()  # before JAX's first computation; a no-op when JAX has already run one
     log_file = LogFile()  # holds the records until the run has started, then writes them to the workdir
     try:
         return _train_and_evaluate(config, workdir_path(workdir), datasets, log_file)
