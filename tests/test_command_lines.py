@@ -120,3 +120,20 @@ def test_every_checkpoint_damaged_is_one_line_for_train_py_and_sample_py(trained
     sample = run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(tmp_path / "run"), "--prompt", "The"])
     assert_one_error_line(sample, EXIT_BAD_INPUT, "is damaged")
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]  # nothing renamed
+
+
+def test_console_keeps_library_records_off_even_from_a_venv_inside_the_repository():
+    """Our INFO records reach the console; a library's do not, also when its virtual environment sits in the
+    repository (.ci/run makes .venv there), whose root holds our scripts."""
+    import logging
+
+    from perceiver_ar_jax.errors.console import ConsoleFilter
+
+    def record(path, level=logging.INFO):
+        return logging.LogRecord("x", level, str(path), 1, "message", None, None)
+
+    console = ConsoleFilter(verbosity=None)
+    assert console.filter(record(REPO / "perceiver_ar_jax" / "training" / "loop.py"))
+    assert console.filter(record(REPO / "train.py"))
+    assert not console.filter(record(REPO / ".venv" / "lib" / "python3.11" / "site-packages" / "orbax" / "x.py"))
+    assert console.filter(record(REPO / ".venv" / "lib" / "orbax.py", logging.WARNING))  # warnings always

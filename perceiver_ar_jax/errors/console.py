@@ -25,8 +25,10 @@ from pathlib import Path
 
 from perceiver_ar_jax.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, exit_status, one_line
 
-# records from files under these directories are "ours": the package and the scripts beside it (train.py, ...)
-_OWN_DIRS = (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2]))
+# records from files of the package, or from the scripts beside it (train.py, ...), are "ours"; only the scripts of
+# the repository root, not its subdirectories: a virtual environment made there (.venv) holds the libraries
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_SCRIPTS_DIR = str(Path(__file__).resolve().parents[2])
 _FILE_FORMAT = "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"
 # `logger.info(..., extra=FILE_ONLY)`: a record for the log file that the console leaves out
 FILE_ONLY = {"console": False}
@@ -47,7 +49,11 @@ class ConsoleFilter(logging.Filter):
             return False  # e.g. leftovers of an aborted orbax read: the error that matters is reported once, by us
         if record.levelno >= logging.WARNING:
             return True
-        return record.levelno >= logging.INFO and os.path.abspath(record.pathname).startswith(_OWN_DIRS)
+        return record.levelno >= logging.INFO and _is_ours(os.path.abspath(record.pathname))
+
+
+def _is_ours(path: str) -> bool:
+    return path.startswith(_PACKAGE_DIR + os.sep) or os.path.dirname(path) == _SCRIPTS_DIR
 
 
 class ConsoleFormatter(logging.Formatter):
