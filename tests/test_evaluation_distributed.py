@@ -18,6 +18,7 @@ from perceiver_ar_jax.evaluation import evaluate
 from tests.evaluation_worker import STRIDE, setup
 
 WORKER = Path(__file__).with_name("evaluation_worker.py")
+pytestmark = pytest.mark.multiprocess  # the file's processes need the machine to themselves (.ci/run)
 
 
 def worker_env(num_devices):

@@ -95,6 +95,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_agree_with_one(tmp_path, one_device):
     one_device_losses, one_device_params = one_device
     address = f"127.0.0.1:{free_port()}"
