@@ -7,7 +7,8 @@ Everything the library tunes for one backend lives here, behind functions whose 
 - `decode_cache_dtype`: the dtype of decoding's key/value caches;
 - `decode_compiler_options`: XLA options for the compiled decode loop;
 - `enable_compilation_cache`: JAX's persistent compilation cache, so that a second process starts fast;
-- `reuse_host_memory`: on CPU, the C heap keeps the memory of a step's buffers for the next step.
+- `reuse_host_memory`: on CPU, the C heap keeps the memory of a step's buffers for the next step;
+- `computed_once`: a value XLA must not recompute inside each of its consumers (the rotary embedding's cos and sin).
 
 The weight products are one 2-D matrix product each, with float32 accumulation in every precision. Two things
 make XLA's own lowering of Flax's `Dense` slow on CPU, and this module fixes both without changing what is
@@ -48,8 +49,8 @@ from jax import lax
 
 from perceiver_ar_jax.backend import cpu_kernels
 
-__all__ = ["WEIGHT_FORMATS", "as_precision", "decode_cache_dtype", "decode_compiler_options", "dot_general",
-           "enable_compilation_cache", "is_prepared", "matmul", "prepare_weight", "prepared_matmul",
+__all__ = ["WEIGHT_FORMATS", "as_precision", "computed_once", "decode_cache_dtype", "decode_compiler_options",
+           "dot_general", "enable_compilation_cache", "is_prepared", "matmul", "prepare_weight", "prepared_matmul",
            "reuse_host_memory", "tied_output"]
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")  # how decoding may store the weight matrices
@@ -103,8 +104,24 @@ def _low_precision_matmul_bwd(out_dtype, rhs_transposed, precision, residuals, g
     g = g.astype(a.dtype)  # the gradient of a bf16 result is bf16, as under autocast
     if rhs_transposed:  # y = a @ b.T, b (cols, k)
         return (_dot_f32(g, b, 1, 0, precision).astype(a.dtype),
-                _dot_f32(g, a, 0, 0, precision).astype(b.dtype))
-    return _dot_f32(g, b, 1, 1, precision).astype(a.dtype), _dot_f32(a, g, 0, 0, precision).astype(b.dtype)
+                _dot_f32(_row_major_transpose(g), a, 1, 0, precision).astype(b.dtype))
+    return (_dot_f32(g, b, 1, 1, precision).astype(a.dtype),
+            _dot_f32(_row_major_transpose(a), g, 1, 0, precision).astype(b.dtype))
+
+
+def computed_once(x: jnp.ndarray) -> jnp.ndarray:
+    """x, evaluated once into a buffer of its own: XLA fuses an elementwise producer into every consumer and
+    evaluates it per consumer element, so cos and sin broadcast over attention heads were evaluated once per head
+    and per fusion reading them (on CPU ~12% of the bf16 training step). On CPU a copy through a custom call,
+    which XLA cannot fuse through (`lax.optimization_barrier` is removed before fusion there); elsewhere x."""
+    return cpu_kernels.copy(x) if cpu_kernels.available() else x
+
+
+def _row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
+    """x.T for a weight gradient's left operand: on CPU a row-major copy (`cpu_kernels.transpose`), the layout
+    XLA:CPU's fast bf16 products take (it turns the product of a plain x.T into a float32 one, 3-6x slower);
+    elsewhere x.T, which XLA folds into the product."""
+    return cpu_kernels.transpose(x) if cpu_kernels.available() else x.T
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)

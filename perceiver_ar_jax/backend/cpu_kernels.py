@@ -1,12 +1,23 @@
-"""A CPU matrix product over packed weights, as an XLA FFI custom call built from `packed_matmul.cc` on first use.
+"""CPU kernels XLA lacks, as XLA FFI custom calls built on first use: a matrix product over packed weights
+(`packed_matmul.cc`, for decoding), and a row-major transpose and a copy whose results XLA cannot fold into their
+consumers (`layout.cc`, for training).
 
-Why: decoding multiplies a few rows by every weight of the model once per token, so a step reads all the weights
-and its speed is the memory bandwidth. XLA:CPU's products read float32 weights at about 80% of the bandwidth, turn
-bfloat16 and int8 weights into float32 copies first (no faster than float32), and run products of 2-32 rows no
-faster than separate ones. The kernel reads weights stored in panels of 64 columns (`pack`: each panel one
-contiguous K x 64 block) in float32, bfloat16 or int8 (with a float32 scale per output column), converts them in
-registers and accumulates in float32, with one worker thread per core; a step then reads each byte once, close
-to the bandwidth, and half (bfloat16) or a quarter (int8) of the bytes.
+Why the product: decoding multiplies a few rows by every weight of the model once per token, so a step reads all the
+weights and its speed is the memory bandwidth. XLA:CPU's products read float32 weights at about 80% of the
+bandwidth, turn bfloat16 and int8 weights into float32 copies first (no faster than float32), and run products of
+2-32 rows no faster than separate ones. The kernel reads weights stored in panels of 64 columns (`pack`: each panel
+one contiguous K x 64 block) in float32, bfloat16 or int8 (with a float32 scale per output column), converts them in
+registers and accumulates in float32, with one worker thread per core; a step then reads each byte once, close to
+the bandwidth, and half (bfloat16) or a quarter (int8) of the bytes.
+
+Why the transpose: a dense layer's weight gradient x^T g contracts the leading axis of both operands, and XLA:CPU
+runs such a product 3-6x slower than one whose left operand is a row-major (K, rows) matrix (its bf16 product even
+becomes a float32 one). A transpose written in JAX does not help: XLA's layout assignment folds it back into the
+product. The custom call's result is row-major by contract, so the product after it takes the fast path.
+
+Why the copy: XLA fuses an elementwise producer into each consumer and evaluates it once per consumer element. The
+rotary embedding's cos and sin, (batch, length, rotated), end up evaluated for every head in every fusion that
+reads them, ~12% of the bf16 training step; computed into a custom call's buffer they are evaluated once.
 
 The library is compiled with the machine's C++ compiler (`-march=native`, AVX-512) into
 ~/.cache/perceiver_ar_jax/kernels (or $PERCEIVER_AR_KERNEL_DIR) the first time it is needed; `available()` is
@@ -30,8 +41,10 @@ import jax
 import jax.numpy as jnp
 
 PANEL = 64  # output columns per panel (the kernel's register tile)
-SOURCE = Path(__file__).with_name("packed_matmul.cc")
-TARGET = "perceiver_ar_packed_matmul"
+SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc")]
+HEADERS = [Path(__file__).with_name("parallel_for.h")]
+TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_ar_transpose": "PerceiverArTranspose",
+           "perceiver_ar_copy": "PerceiverArCopy"}
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +60,17 @@ def _cpu_has_avx512() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether the kernel runs here (built and registered on the first call)."""
+    """Whether the kernels run here (built and registered on the first call)."""
     if os.environ.get("PERCEIVER_AR_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
         return False
     if not _cpu_has_avx512():
         return False
     try:
-        library = _build()
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(ctypes.CDLL(str(library)).PerceiverArPackedMatmul),
-                                    platform="cpu")
+        library = ctypes.CDLL(str(_build()))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
-        log.warning("the packed CPU matmul kernel is not available (%s); using XLA's products", e)
+        log.warning("the CPU kernels are not available (%s); using XLA's own operations", e)
         return False
     return True
 
@@ -69,16 +82,17 @@ def _build() -> Path:
         raise OSError("no C++ compiler (c++ or g++) on PATH")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w",
              f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(source + jax.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
     directory = Path(os.environ.get("PERCEIVER_AR_KERNEL_DIR")
                      or Path.home() / ".cache" / "perceiver_ar_jax" / "kernels")
-    library = directory / f"packed_matmul-{key}.so"
+    library = directory / f"cpu_kernels-{key}.so"
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:  # compiled aside, then renamed: never half a file
         out = Path(tmp) / library.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(out)], check=True, capture_output=True)
         os.replace(out, library)
     return library
 
@@ -101,5 +115,17 @@ def packed_matmul(x: jnp.ndarray, panels: jnp.ndarray, n: int, scale: jnp.ndarra
     """x (M, K) float32 @ the (K, N) matrix packed in `panels` (float32, bfloat16 or int8), times scale (N,) per
     column if given -> (M, N) float32. Needs `available()`."""
     scale = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+    call = jax.ffi.ffi_call("perceiver_ar_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
     return call(x.astype(jnp.float32), panels, scale)
+
+
+def transpose(x: jnp.ndarray) -> jnp.ndarray:
+    """x (R, C) -> x.T (C, R), materialised row-major (2- or 4-byte dtypes). Needs `available()`."""
+    return jax.ffi.ffi_call("perceiver_ar_transpose", jax.ShapeDtypeStruct(x.shape[::-1], x.dtype),
+                            vmap_method="sequential")(x)
+
+
+def copy(x: jnp.ndarray) -> jnp.ndarray:
+    """x, computed into a buffer of its own that XLA cannot fuse into x's consumers. Needs `available()`."""
+    return jax.ffi.ffi_call("perceiver_ar_copy", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="broadcast_all")(x)

@@ -1,11 +1,9 @@
 // y (M, N) f32 = x (M, K) f32 @ w [f32 | bf16 | s8] (* scale (N) for s8), w packed in panels of 64 columns.
 #include <immintrin.h>
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -74,32 +72,11 @@ void panels(const float* x, const W* w, const float* scale, float* y, int64_t M,
   }
 }
 
-// The panels are shared out through an atomic counter between this thread and tasks on XLA's intra-op thread
-// pool (idle while the custom call runs): whoever is free takes the next panel. A task that starts only after
-// the call has returned (e.g. one queued behind this very thread) finds no panel left and touches nothing.
-struct Work {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t total = 0;
-  std::function<void(int64_t)> panel;
-};
-
-void drain(Work& work) {
-  for (int64_t p; (p = work.next.fetch_add(1, std::memory_order_relaxed)) < work.total;) {
-    work.panel(p);
-    work.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 template <typename W>
 ffi::Error run(ffi::ThreadPool pool, const float* x, const W* w, const float* scale, float* y, int64_t M,
                int64_t K, int64_t N) {
-  auto work = std::make_shared<Work>();
-  work->total = (N + kBlock - 1) / kBlock;
-  work->panel = [=](int64_t p) { panels(x, w, scale, y, M, K, N, p, p + 1); };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { drain(*work); });
-  drain(*work);
-  while (work->done.load(std::memory_order_acquire) < work->total) _mm_pause();
+  perceiver_ar::parallel_for(pool, (N + kBlock - 1) / kBlock,
+                             [=](int64_t p) { panels(x, w, scale, y, M, K, N, p, p + 1); });
   return ffi::Error::Success();
 }
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from perceiver_ar_jax.backend import computed_once
+
 
 def positions(batch_size: int, length: int, pad_mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Absolute positions (batch, length) int32: 0..length-1, shifted left by each row's pad count.
@@ -47,9 +49,10 @@ def apply_rotary(x: jnp.ndarray, angles: jnp.ndarray) -> jnp.ndarray:
     """
     num_rotated = angles.shape[-1]
     x_rot, x_pass = x[..., :num_rotated].astype(jnp.float32), x[..., num_rotated:]
-    angles = angles[:, :, None, :]  # broadcast over heads
+    # cos and sin evaluated once, not once per head in every fusion that reads them (backend.computed_once)
+    cos, sin = computed_once(jnp.cos(angles))[:, :, None, :], computed_once(jnp.sin(angles))[:, :, None, :]
     # [x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]: the 90-degree turn of each (even, odd) channel pair
     pairs = x_rot.reshape(*x_rot.shape[:-1], num_rotated // 2, 2)
     turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_rot.shape)
-    x_rot = x_rot * jnp.cos(angles) + turned * jnp.sin(angles)
+    x_rot = x_rot * cos + turned * sin
     return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
