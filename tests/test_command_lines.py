@@ -137,3 +137,21 @@ def test_console_keeps_library_records_off_even_from_a_venv_inside_the_repositor
     assert console.filter(record(REPO / "train.py"))
     assert not console.filter(record(REPO / ".venv" / "lib" / "python3.11" / "site-packages" / "orbax" / "x.py"))
     assert console.filter(record(REPO / ".venv" / "lib" / "orbax.py", logging.WARNING))  # warnings always
+
+
+def test_log_file_starts_before_its_directory_exists(tmp_path):
+    """In a multi-process run only process 0 writes the workdir's files; process 1 may start its log first (it
+    failed with FileNotFoundError and left process 0 waiting in a collective until the test's timeout)."""
+    import logging
+
+    from perceiver_ar_jax.errors.console import LogFile
+
+    log_file = LogFile()
+    try:
+        logging.getLogger("perceiver_ar_jax").warning("before the start")
+        path = tmp_path / "not_yet" / "train.process_1.log"
+        log_file.start(path)
+        logging.getLogger("perceiver_ar_jax").warning("after the start")
+    finally:
+        log_file.close()
+    assert "before the start" in path.read_text() and "after the start" in path.read_text()

@@ -135,6 +135,8 @@ class LogFile:
         """Write the buffered records to `path` (appending: a resumed run continues the file) and go on there."""
         if self.handler is not None:
             return
+        # in a multi-process run only process 0 writes the workdir's files: another process may get here first
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, mode="a", encoding="utf-8")
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter(_FILE_FORMAT))
