@@ -1,6 +1,6 @@
 """Training-step throughput: our jitted train step against perceiver-io's, on the same machine in one run.
 
-    python bench/train_step.py [--dtypes fp32,bf16] [--budget 60] [--ref-python /tmp/ref-venv/bin/python]
+    python bench/train_step.py [--dtypes fp32,bf16] [--budget 60] [--rounds 3] [--ref-python /tmp/ref-venv/bin/python]
                                [--skip-reference] [--cores 0,1] [--loss-chunk-tokens N] [--no-reuse-host-memory]
                                [--json OUT.json]
 
@@ -16,7 +16,10 @@ on them with one torch thread per core (bench/cores.py).
 It also prints the step's FLOPs (XLA's cost analysis of our compiled step; the reference computes the same model)
 and the matmul peaks measured in the same run on the same cores: a 2048^3 product in float32 and in
 bfloat16 x bfloat16 -> float32, in JAX and in torch. Each side's step is then given as a fraction of its own
-library's peak of both dtypes (FLOPs / step time / peak). --no-reuse-host-memory times our step without
+library's peak of both dtypes (FLOPs / step time / peak). The two sides alternate for --rounds rounds (ours timed
+in this process, then a fresh reference process, and again): this VM's speed drifts up to 2x within minutes, so
+single back-to-back runs gave ratios from 0.86x to 1.29x for one and the same code; each round's ratio compares
+minutes-apart measurements, and the median of the rounds is reported. --no-reuse-host-memory times our step without
 `backend.reuse_host_memory` (every step page-faults its buffers in again, as before it existed).
 """
 
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_model import BENCH_MODEL, DTYPES  # bench/, this script's directory
@@ -111,8 +115,9 @@ def stats(xs: list[float]) -> dict[str, float]:
     return dict(min=min(xs), median=statistics.median(xs), max=max(xs), n=len(xs))
 
 
-def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_impl: str,
-               loss_chunk_tokens: int | None = None) -> dict:
+def prepare_ours(dtype: str, remat_policy: str | None, attention_impl: str,
+                 loss_chunk_tokens: int | None = None) -> tuple[dict, Callable[[float], dict]]:
+    """Our compiled step -> (what it is, a timer: budget seconds -> the timings of that many seconds of steps)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -154,15 +159,18 @@ def bench_ours(dtype: str, budget_s: float, remat_policy: str | None, attention_
         holder["state"], metrics = compiled(holder["state"], batch)
         losses.append(float(metrics["loss"]))  # waits for the step, as the reference's float(loss) does
 
-    times, cpu_times = repeat(run, warmup=2, budget_s=budget_s)
+    def timer(budget_s: float) -> dict:
+        times, cpu_times = repeat(run, warmup=2, budget_s=budget_s)
+        return dict(step_s=stats(times),
+                    step_cpu_s=stats(cpu_times),  # all threads' CPU time: steadier than wall time on a busy machine
+                    tokens_per_s_latents=stats([BATCH * config.max_latents / t for t in times]),
+                    tokens_per_s_seq=stats([BATCH * SEQ_LEN / t for t in times]),
+                    loss_first_last=[losses[0], losses[-1]])
+
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    return dict(impl="perceiver-ar-jax", dtype=dtype, compile_s=compile_s, step_s=stats(times),
-                step_cpu_s=stats(cpu_times),  # all threads' CPU time: steadier than wall time on a busy machine
-                tokens_per_s_latents=stats([BATCH * config.max_latents / t for t in times]),
-                tokens_per_s_seq=stats([BATCH * SEQ_LEN / t for t in times]), loss_first_last=[losses[0], losses[-1]],
-                num_params=int(num_params), step_flops=float(cost.get("flops", 0.0)), remat_policy=remat_policy,
-                attention_impl=attention_impl, loss_chunk_tokens=loss_chunk_tokens,
-                jax=jax.__version__, devices=str(jax.devices()))
+    return dict(impl="perceiver-ar-jax", dtype=dtype, compile_s=compile_s, num_params=int(num_params),
+                step_flops=float(cost.get("flops", 0.0)), remat_policy=remat_policy, attention_impl=attention_impl,
+                loss_chunk_tokens=loss_chunk_tokens, jax=jax.__version__, devices=str(jax.devices())), timer
 
 
 def bench_reference(dtype: str, budget_s: float, ref_python: str, ref_script: str, cores: list[int]) -> dict:
@@ -184,7 +192,10 @@ def bench_reference(dtype: str, budget_s: float, ref_python: str, ref_script: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per measurement")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per side and dtype")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the sides alternate this many times per dtype, each round with budget / rounds "
+                             "seconds; the ratio is the median of the rounds' ratios")
     parser.add_argument("--ref-python", default=os.environ.get("PERCEIVER_IO_PYTHON", "/tmp/ref-venv/bin/python"))
     parser.add_argument("--ref-script", default=str(DEFAULT_REF_SCRIPT))
     parser.add_argument("--skip-reference", action="store_true", help="time our step only")
@@ -220,27 +231,34 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         if dtype not in DTYPES:
             raise SystemExit(f"--dtypes: {dtype!r} is not one of {sorted(DTYPES)}")
-        ours = bench_ours(dtype, args.budget, args.remat_policy, args.attention_impl, args.loss_chunk_tokens)
-        line = (f"{dtype} ours:      {ours['tokens_per_s_latents']['median']:8.1f} tok/s (latents), step "
-                f"{ours['step_s']['median']:.3f} s (min {ours['step_s']['min']:.3f}, n={ours['step_s']['n']}), "
-                f"CPU {ours['step_cpu_s']['median']:.2f} s/step, compile {ours['compile_s']:.1f} s")
-        print(line, flush=True)
-        flops = ours["step_flops"]
-        print(f"{dtype} step: {flops / 1e9:.1f} GFLOP; ours {fractions('ours', ours['step_s']['median'], flops)}",
-              flush=True)
-        entry = {"dtype": dtype, "ours": ours}
+        info, timer = prepare_ours(dtype, args.remat_policy, args.attention_impl, args.loss_chunk_tokens)
+        flops = info["step_flops"]
+        print(f"{dtype} step: {flops / 1e9:.1f} GFLOP, compiled in {info['compile_s']:.1f} s", flush=True)
+        rounds = []
+        for index in range(args.rounds):  # the sides alternate: a drift of the machine's speed hits both
+            ours = timer(args.budget / args.rounds)
+            line = (f"{dtype} round {index + 1} ours:         step {ours['step_s']['median']:.3f} s "
+                    f"(min {ours['step_s']['min']:.3f}, n={ours['step_s']['n']}), "
+                    f"CPU {ours['step_cpu_s']['median']:.2f} s/step; "
+                    f"{fractions('ours', ours['step_s']['median'], flops)}")
+            print(line, flush=True)
+            entry = {"ours": ours}
+            if not args.skip_reference:
+                ref = bench_reference(dtype, args.budget / args.rounds, args.ref_python, args.ref_script, cores)
+                assert ref["num_params"] == info["num_params"], (ref["num_params"], info["num_params"])
+                ratio = ref["step_s"]["median"] / ours["step_s"]["median"]
+                print(f"{dtype} round {index + 1} perceiver-io: step {ref['step_s']['median']:.3f} s "
+                      f"(min {ref['step_s']['min']:.3f}, n={ref['step_s']['n']}); "
+                      f"{fractions('reference', ref['step_s']['median'], flops)}; ratio {ratio:.2f}x", flush=True)
+                entry.update(reference=ref, ratio=ratio)
+            rounds.append(entry)
+        summary = {"dtype": dtype, "ours": info, "rounds": rounds}
         if not args.skip_reference:
-            ref = bench_reference(dtype, args.budget, args.ref_python, args.ref_script, cores)
-            assert ref["num_params"] == ours["num_params"], (ref["num_params"], ours["num_params"])
-            ratio = ours["tokens_per_s_latents"]["median"] / ref["tokens_per_s_latents"]["median"]
-            ratio_best = ours["tokens_per_s_latents"]["max"] / ref["tokens_per_s_latents"]["max"]
-            print(f"{dtype} perceiver-io: {ref['tokens_per_s_latents']['median']:8.1f} tok/s (latents), step "
-                  f"{ref['step_s']['median']:.3f} s (min {ref['step_s']['min']:.3f}, n={ref['step_s']['n']})")
-            print(f"{dtype} perceiver-io {fractions('reference', ref['step_s']['median'], flops)}")
-            print(f"{dtype} ratio ours / perceiver-io: {ratio:.2f}x (median tokens/s), {ratio_best:.2f}x (best step)",
-                  flush=True)
-            entry.update(reference=ref, ratio_median=ratio, ratio_best=ratio_best)
-        results.append(entry)
+            ratios = [r["ratio"] for r in rounds]
+            summary["ratio_median"] = statistics.median(ratios)
+            print(f"{dtype} ratio ours / perceiver-io (step time, median of {len(ratios)} rounds): "
+                  f"{summary['ratio_median']:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
+        results.append(summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": BENCH_MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "cores": cores,
