@@ -5,8 +5,6 @@ As tests/test_train_distributed.py: the meshes run in a subprocess with 8 simula
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,22 +14,14 @@ import pytest
 
 from perceiver_ar_jax.evaluation import evaluate
 from tests.evaluation_worker import STRIDE, setup
+from tests.processes import free_port, run_together, worker_env
 
 WORKER = Path(__file__).with_name("evaluation_worker.py")
 pytestmark = pytest.mark.multiprocess  # the file's processes need the machine to themselves (.ci/run)
 
 
-def worker_env(num_devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +43,8 @@ def test_meshes_give_the_single_device_losses(tmp_path, one_device):
 
 def test_two_processes_score_their_shares_and_gather_every_document(tmp_path, one_device):
     address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "process", str(tmp_path / f"out{i}.json"), address,
-                               str(i), "2"], env=worker_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-5000:]
+    run_together([[sys.executable, str(WORKER), "process", str(tmp_path / f"out{i}.json"), address, str(i), "2"]
+                  for i in range(2)], worker_env(2))
     results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     assert [r["devices"] for r in results] == [4, 4]
     for r in results:  # every process holds all documents, in order; token losses of its own share only

@@ -7,7 +7,6 @@ that this test process keeps its one device. The single-device reference runs he
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +16,12 @@ import numpy as np
 import pytest
 
 from perceiver_ar_jax import training
+from tests.processes import free_port, run_together, worker_env
 from tests.synthetic_data import synthetic_datasets, tiny_train_config
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def worker_env(num_devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 # float32 sums over other splits of the batch and of the parameters: equal up to rounding, not bit for bit
@@ -89,10 +84,6 @@ def test_restore_onto_another_mesh_is_exact_and_continues_the_run(mesh_results, 
     np.testing.assert_allclose(mesh_results["resumed_losses"], one_device_losses[stop:], rtol=1e-5)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multiprocess
@@ -100,17 +91,8 @@ def test_two_processes_agree_with_one(tmp_path, one_device):
     one_device_losses, one_device_params = one_device
     address = f"127.0.0.1:{free_port()}"
     workdir = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "process", str(tmp_path / f"out{i}.json"), str(workdir),
-                               address, str(i), "2"], env=worker_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-5000:]
+    run_together([[sys.executable, str(WORKER), "process", str(tmp_path / f"out{i}.json"), str(workdir), address,
+                   str(i), "2"] for i in range(2)], worker_env(2))
     results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     assert [(r["devices"], r["local_devices"]) for r in results] == [(4, 2), (4, 2)]
     np.testing.assert_allclose(results[0]["losses"], one_device_losses, rtol=1e-5)
