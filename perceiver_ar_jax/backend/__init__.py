@@ -109,6 +109,9 @@ def _low_precision_matmul_bwd(out_dtype, rhs_transposed, precision, residuals, g
             _dot_f32(_row_major_transpose(a), g, 1, 0, precision).astype(b.dtype))
 
 
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
 def computed_once(x: jnp.ndarray) -> jnp.ndarray:
     """x, evaluated once into a buffer of its own: XLA fuses an elementwise producer into every consumer and
     evaluates it per consumer element, so cos and sin broadcast over attention heads were evaluated once per head
@@ -122,9 +125,6 @@ def _row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
     XLA:CPU's fast bf16 products take (it turns the product of a plain x.T into a float32 one, 3-6x slower);
     elsewhere x.T, which XLA folds into the product."""
     return cpu_kernels.transpose(x) if cpu_kernels.available() else x.T
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
 def dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers, precision=None,

@@ -49,10 +49,10 @@ def apply_rotary(x: jnp.ndarray, angles: jnp.ndarray) -> jnp.ndarray:
     """
     num_rotated = angles.shape[-1]
     x_rot, x_pass = x[..., :num_rotated].astype(jnp.float32), x[..., num_rotated:]
-    # cos and sin evaluated once, not once per head in every fusion that reads them (backend.computed_once); a
-    # decoding step's single position is left to fusion, cheaper than a buffer of its own
-    once = computed_once if angles.shape[1] > 1 else (lambda x: x)
-    cos, sin = once(jnp.cos(angles))[:, :, None, :], once(jnp.sin(angles))[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if angles.shape[1] > 1:  # evaluated once, not per head in every fusion reading them (backend.computed_once);
+        cos, sin = computed_once(cos), computed_once(sin)  # a decoding step's single position stays fused
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
     # [x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]: the 90-degree turn of each (even, odd) channel pair
     pairs = x_rot.reshape(*x_rot.shape[:-1], num_rotated // 2, 2)
     turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_rot.shape)
