@@ -27,6 +27,14 @@ def test_transpose_and_copy_are_exact(shape, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 130, 65), (5, 8, 64), (1, 1, 1)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_transpose_swaps_the_last_two_axes_of_a_batch(shape, dtype):
+    x = jnp.asarray(np.arange(np.prod(shape)).reshape(shape) % 30011, dtype)
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.transpose)(x), np.swapaxes(np.asarray(x), -1, -2))
+
+
+@needs_kernels
 def test_kernels_under_vmap_and_eagerly():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 17, 9)), jnp.bfloat16)
     np.testing.assert_array_equal(jax.vmap(cpu_kernels.transpose)(x), np.swapaxes(np.asarray(x), 1, 2))

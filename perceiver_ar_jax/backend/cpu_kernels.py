@@ -120,9 +120,11 @@ def packed_matmul(x: jnp.ndarray, panels: jnp.ndarray, n: int, scale: jnp.ndarra
 
 
 def transpose(x: jnp.ndarray) -> jnp.ndarray:
-    """x (R, C) -> x.T (C, R), materialised row-major (2- or 4-byte dtypes). Needs `available()`."""
-    return jax.ffi.ffi_call("perceiver_ar_transpose", jax.ShapeDtypeStruct(x.shape[::-1], x.dtype),
-                            vmap_method="sequential")(x)
+    """x (..., R, C) -> (..., C, R), the last two axes swapped, materialised row-major (2- or 4-byte dtypes);
+    x.T of a matrix. Needs `available()`."""
+    shape = (*x.shape[:-2], x.shape[-1], x.shape[-2])
+    return jax.ffi.ffi_call("perceiver_ar_transpose", jax.ShapeDtypeStruct(shape, x.dtype),
+                            vmap_method="expand_dims")(x)
 
 
 def copy(x: jnp.ndarray) -> jnp.ndarray:

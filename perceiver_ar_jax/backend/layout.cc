@@ -1,8 +1,9 @@
 // Results XLA cannot fold into their consumers: a custom call's result is a buffer of its own, row-major.
 //
-// Transpose, y (C, R) = x (R, C)^T for 2- and 4-byte elements: XLA:CPU multiplies a matrix whose contracted axis
-// is its leading one (the weight gradient x^T g of a dense layer) 3-6x slower than a row-major operand, and its
-// layout assignment turns every transpose written in HLO back into exactly that operand.
+// Transpose, y (..., C, R) = x (..., R, C) with the last two axes swapped, for 2- and 4-byte elements: XLA:CPU
+// multiplies a matrix whose contracted axis is its leading one (the weight gradient x^T g of a dense layer, the
+// key and value gradients of attention) 3-6x slower than a row-major operand, and its layout assignment turns
+// every transpose written in HLO back into exactly that operand.
 // Copy, y = x: XLA fuses an elementwise producer into each of its consumers and recomputes it per consumer
 // element; for cos and sin broadcast over attention heads that is most of a fusion's time.
 #include <immintrin.h>
@@ -75,20 +76,32 @@ void tile_rows(const T* x, T* y, int64_t R, int64_t C, int64_t r0) {
   }
 }
 
+// Every matrix of the batch, a tile of kTile rows per work item.
 template <typename T>
-ffi::Error run(ffi::ThreadPool pool, const T* x, T* y, int64_t R, int64_t C) {
-  perceiver_ar::parallel_for(pool, (R + kTile - 1) / kTile, [=](int64_t i) { tile_rows(x, y, R, C, i * kTile); });
+ffi::Error run(ffi::ThreadPool pool, const T* x, T* y, int64_t batch, int64_t R, int64_t C) {
+  const int64_t tiles = (R + kTile - 1) / kTile;
+  perceiver_ar::parallel_for(pool, batch * tiles, [=](int64_t i) {
+    const int64_t b = i / tiles;
+    tile_rows(x + b * R * C, y + b * R * C, R, C, (i % tiles) * kTile);
+  });
   return ffi::Error::Success();
 }
 
 ffi::Error Transpose(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
   auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[1] || yd[1] != xd[0] || x.element_type() != y->element_type())
-    return ffi::Error::InvalidArgument("transpose: x (R, C) and y (C, R) of one dtype expected");
-  const int64_t R = xd[0], C = xd[1];
+  const size_t n = xd.size();
+  bool ok = n >= 2 && yd.size() == n && yd[n - 2] == xd[n - 1] && yd[n - 1] == xd[n - 2] &&
+            x.element_type() == y->element_type();
+  int64_t batch = 1;
+  for (size_t i = 0; ok && i + 2 < n; ++i) {
+    ok = xd[i] == yd[i];
+    batch *= xd[i];
+  }
+  if (!ok) return ffi::Error::InvalidArgument("transpose: x (..., R, C) and y (..., C, R) of one dtype expected");
+  const int64_t R = xd[n - 2], C = xd[n - 1];
   switch (ffi::ByteWidth(x.element_type())) {
-    case 2: return run(pool, (const uint16_t*)x.untyped_data(), (uint16_t*)y->untyped_data(), R, C);
-    case 4: return run(pool, (const uint32_t*)x.untyped_data(), (uint32_t*)y->untyped_data(), R, C);
+    case 2: return run(pool, (const uint16_t*)x.untyped_data(), (uint16_t*)y->untyped_data(), batch, R, C);
+    case 4: return run(pool, (const uint32_t*)x.untyped_data(), (uint32_t*)y->untyped_data(), batch, R, C);
     default: return ffi::Error::InvalidArgument("transpose: 2- or 4-byte elements expected");
   }
 }

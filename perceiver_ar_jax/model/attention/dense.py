@@ -11,10 +11,13 @@ the layouts their products read without a transpose) plus their own keys/values,
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from perceiver_ar_jax.backend import as_precision
 from perceiver_ar_jax.model.masks import AttentionMask, causal_mask
 
 # What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
@@ -40,19 +43,65 @@ def dense_attention(
     """
     num_heads = q.shape[2]
     chunk = num_heads if max_heads_parallel is None else min(max_heads_parallel, num_heads)
+    precision = as_precision(precision)
     outputs = []
     for start in range(0, num_heads, chunk):
         heads = slice(start, start + chunk)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, heads], k[:, :, heads], preferred_element_type=jnp.float32,
-                            precision=precision)
-        if mask is not None:
-            head_mask = mask if mask.shape[1] == 1 else mask[:, heads]
-            scores = jnp.where(head_mask, scores, MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if dropout is not None:
-            probs = dropout(probs)
-        outputs.append(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v[:, :, heads], precision=precision))
+        head_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, heads]
+        qkv = q[:, :, heads], k[:, :, heads], v[:, :, heads]
+        if dropout is None:
+            outputs.append(_softmax_attention(*qkv, head_mask, precision))
+        else:
+            probs = dropout(_probabilities(qkv[0], qkv[1], head_mask, precision))
+            outputs.append(_einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), qkv[2], precision).astype(v.dtype))
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+
+
+def _einsum(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, precision) -> jnp.ndarray:
+    """A product of two operands with a float32 result (float32 accumulation whatever their dtype)."""
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _probabilities(q, k, mask, precision) -> jnp.ndarray:
+    """softmax(q k^T), masked: (batch, heads, queries, keys) float32."""
+    scores = _einsum("bqhd,bkhd->bhqk", q, k, precision)
+    if mask is not None:
+        scores = jnp.where(mask, scores, MASKED_SCORE)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+# The derivative written out, so that every product of the backward pass multiplies operands of the compute
+# dtype, as the forward ones do: JAX's own derivative multiplies the float32 score gradient with bfloat16 queries
+# or keys, which XLA computes in float32 (on CPU with both operands converted and off the fast path: about half
+# of the bf16 train step's attention time). The score gradient is rounded to the compute dtype first, as under
+# PyTorch's autocast; with float32 operands this is JAX's own derivative.
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q, k, v, mask, precision):
+    return _softmax_attention_fwd(q, k, v, mask, precision)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, precision):
+    probs = _probabilities(q, k, mask, precision)
+    out = _einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision).astype(v.dtype)
+    return out, (q, k, v, mask, probs)
+
+
+def _softmax_attention_bwd(precision, residuals, g):
+    q, k, v, mask, probs = residuals
+    g = g.astype(v.dtype)
+    d_probs = _einsum("bqhd,bkhd->bhqk", g, v, precision)
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))  # softmax's vjp
+    if mask is not None:
+        d_scores = jnp.where(mask, d_scores, 0.0)
+    d_scores = d_scores.astype(q.dtype)
+    d_q = _einsum("bhqk,bkhd->bqhd", d_scores, k, precision).astype(q.dtype)
+    d_k = _einsum("bhqk,bqhd->bkhd", d_scores, q, precision).astype(k.dtype)
+    d_v = _einsum("bhqk,bqhd->bkhd", probs.astype(v.dtype), g, precision).astype(v.dtype)
+    d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    return d_q, d_k, d_v, d_mask
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def cached_attention(
