@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from perceiver_ar_jax import backend
+
 # rows (batch x latent positions, per device) whose logits are computed at once when no config says otherwise:
 # 256 x a 32,000 vocabulary x 4 bytes = 33 MB per (rows, vocab) float32 array. Small chunks stay in the CPU's
 # caches: bench/train_step.py's step (4 x 256 latents) takes 1.50 s (fp32) and 1.12 s (bf16) with 256-row chunks,
@@ -110,14 +112,15 @@ def _fused_forward(project, chunk_tokens, z_loss_weight, out_params, hidden, lab
     batch_size, n = labels.shape
     size = latents_per_chunk(batch_size, n, chunk_tokens)
 
+    # the logits' gradient in the rows' (compute) dtype, what the projection's backward products multiply (as
+    # rounded by them anyway); a bias's gradient sums it unrounded, as under PyTorch's autocast
+    grad_dtype = jnp.float32 if "output_bias" in out_params else hidden.dtype
+
     def chunk(h, lab, w):
         logits, vjp = jax.vjp(project, out_params, h)
-        ce, log_z = token_losses(logits, lab)
-        probs = jnp.exp(logits - log_z[..., None])
-        # d objective / d logits = w * (softmax - one_hot(label)) + w * z_loss_weight * 2 logZ * softmax
-        one_hot = jax.nn.one_hot(lab, logits.shape[-1], dtype=jnp.float32)
-        d_logits = (w * (1.0 + 2.0 * z_loss_weight * log_z))[..., None] * probs - w[..., None] * one_hot
-        d_params, d_h = vjp(d_logits)
+        log_z, label_logits, d_logits = backend.cross_entropy_gradient(logits, lab, w, z_loss_weight, grad_dtype)
+        ce = log_z - label_logits
+        d_params, d_h = vjp(d_logits.astype(logits.dtype))
         sums = (jnp.sum(w * (ce + z_loss_weight * jnp.square(log_z))), jnp.sum(w * ce),
                 jnp.sum(w * jnp.square(log_z)))
         return sums, d_params, d_h
