@@ -1,7 +1,7 @@
 """CPU kernels XLA lacks, as XLA FFI custom calls built on first use: a matrix product over packed weights
 (`packed_matmul.cc`, for decoding), a row-major transpose and a copy whose results XLA cannot fold into their
-consumers (`layout.cc`, for training), and the cross-entropy of a chunk of logits with its gradient
-(`cross_entropy.cc`, for training in bf16).
+consumers (`layout.cc`, for training), the cross-entropy of a chunk of logits with its gradient
+(`cross_entropy.cc`) and the exact GELU with its derivative (`gelu.cc`), both for training in bf16.
 
 Why the product: decoding multiplies a few rows by every weight of the model once per token, so a step reads all the
 weights and its speed is the memory bandwidth. XLA:CPU's products read float32 weights at about 80% of the
@@ -23,6 +23,9 @@ reads them, ~12% of the bf16 training step; computed into a custom call's buffer
 Why the cross-entropy: XLA reads a chunk's (rows, vocab) float32 logits three times (max, sum of exponentials,
 gradient) and evaluates the exponential twice, at about one element per ns; the kernel reads each row from memory
 once (then from L2) with a 16-lane exponential and writes the bf16 gradient: ~50 -> ~20 ms of the bf16 bench step.
+
+Why the GELU: XLA evaluates the float32 erfc of the exact GELU (and exp for its derivative) at ~0.4 elements per
+ns, ~4% of the bf16 bench step; the kernel evaluates erf and exp 16 lanes at a time (`vector_math.h`).
 
 The library is compiled with the machine's C++ compiler (`-march=native`, AVX-512) into
 ~/.cache/perceiver_ar_jax/kernels (or $PERCEIVER_AR_KERNEL_DIR) the first time it is needed; `available()` is
@@ -47,10 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 
 PANEL = 64  # output columns per panel (the kernel's register tile)
-SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc", "cross_entropy.cc")]
-HEADERS = [Path(__file__).with_name("parallel_for.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc", "cross_entropy.cc",
+                                                          "gelu.cc")]
+HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h")]
 TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_ar_transpose": "PerceiverArTranspose",
-           "perceiver_ar_copy": "PerceiverArCopy", "perceiver_ar_cross_entropy": "PerceiverArCrossEntropy"}
+           "perceiver_ar_copy": "PerceiverArCopy", "perceiver_ar_cross_entropy": "PerceiverArCrossEntropy",
+           "perceiver_ar_gelu": "PerceiverArGelu", "perceiver_ar_gelu_grad": "PerceiverArGeluGrad"}
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +150,18 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray
     grad, log_z, label_logit = call(logits.astype(jnp.float32), labels.astype(jnp.int32),
                                     weights.astype(jnp.float32), z_loss_weight=np.float32(z_loss_weight))
     return log_z, label_logit, grad
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """The exact GELU of bf16 x, evaluated in float32 and rounded to bf16. Needs `available()`."""
+    return jax.ffi.ffi_call("perceiver_ar_gelu", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="broadcast_all")(x)
+
+
+def gelu_grad(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """g * GELU'(x) for bf16 x and g, evaluated in float32 and rounded to bf16. Needs `available()`."""
+    return jax.ffi.ffi_call("perceiver_ar_gelu_grad", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="broadcast_all")(x, g)
 
 
 def copy(x: jnp.ndarray) -> jnp.ndarray:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from perceiver_ar_jax import backend
 from perceiver_ar_jax.model.attention import CachedKeysValues, MultiHeadAttention
 from perceiver_ar_jax.model.config import CausalLanguageModelConfig
 from perceiver_ar_jax.model.linear import Linear
@@ -72,7 +73,7 @@ class MLP(nn.Module):
         h = layer_norm("norm", cfg)(x)
         h = dense(self.widening_factor * cfg.num_channels, ("embed", "mlp"), "fc1")(h)
         # in float32: XLA:CPU has no bf16 elementwise maths, and converting is what it would do anyway
-        h = nn.gelu(h.astype(jnp.float32), approximate=False).astype(h.dtype)
+        h = backend.gelu(h)  # in float32, rounded to h's dtype
         return dense(cfg.num_channels, ("mlp", "embed"), "fc2")(h)
 
 
