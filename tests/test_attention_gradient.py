@@ -97,3 +97,20 @@ def test_bfloat16_backward_products_multiply_bfloat16_operands():
     operand_types = dot_operand_types(hlo)
     assert len(operand_types) >= 5  # the forward's two products (the output's recomputed or kept) and backward's 4
     assert all(types == ("bf16", "bf16") for types in operand_types), operand_types
+
+
+@pytest.mark.parametrize("queries, keys, heads, head_dim", [
+    (256, 1024, 8, 64),  # the bench model's hybrid layer
+    (512, 1024, 10, 128),  # the 455M model's hybrid layer
+    (512, 512, 10, 128),  # its self-attention layers
+    (100, 300, 3, 24),  # odd sizes
+])
+def test_bfloat16_gradient_runs_at_the_models_shapes(queries, keys, heads, head_dim):
+    """XLA:CPU fails at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32") for some
+    bf16 product forms it does not hand to its fast path; the backward's forms must run at every shape we train."""
+    shapes = [(1, queries, heads, head_dim), (1, keys, heads, head_dim), (1, keys, heads, head_dim)]
+    q, k, v = (jax.random.normal(jax.random.key(i), s).astype(jnp.bfloat16) for i, s in enumerate(shapes))
+    mask = causal_mask(queries, keys)
+    loss = lambda q, k, v: jnp.sum(dense_attention(q, k, v, mask).astype(jnp.float32))  # noqa: E731
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads)
