@@ -54,7 +54,7 @@ from perceiver_ar_jax.backend import cpu_kernels
 
 __all__ = ["WEIGHT_FORMATS", "as_precision", "computed_once", "cross_entropy_gradient", "decode_cache_dtype",
            "decode_compiler_options", "dot_general", "enable_compilation_cache", "gelu", "is_prepared", "matmul",
-           "prepare_weight", "prepared_matmul", "reuse_host_memory", "tied_output"]
+           "prepare_weight", "prepared_matmul", "reuse_host_memory", "swap_last_axes", "tied_output"]
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")  # how decoding may store the weight matrices
 
@@ -169,7 +169,14 @@ def _row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
     """x.T for a weight gradient's left operand: on CPU a row-major copy (`cpu_kernels.transpose`), the layout
     XLA:CPU's fast bf16 products take (it turns the product of a plain x.T into a float32 one, 3-6x slower);
     elsewhere x.T, which XLA folds into the product."""
-    return cpu_kernels.transpose(x) if cpu_kernels.available() else x.T
+    return swap_last_axes(x)
+
+
+def swap_last_axes(x: jnp.ndarray) -> jnp.ndarray:
+    """x (..., R, C) -> (..., C, R), materialised row-major on CPU (`cpu_kernels.transpose`, 8 x 8 register
+    blocks; XLA:CPU's transposing fusions read one side with a stride, several times slower); elsewhere a plain
+    swap of the axes, which XLA folds into its consumer."""
+    return cpu_kernels.transpose(x) if cpu_kernels.available() else jnp.swapaxes(x, -1, -2)
 
 
 def dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers, precision=None,

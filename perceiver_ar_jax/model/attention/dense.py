@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver_ar_jax.backend import as_precision
+from perceiver_ar_jax.backend import as_precision, swap_last_axes
 from perceiver_ar_jax.model.masks import AttentionMask, causal_mask
 
 # What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
@@ -94,14 +94,22 @@ def _softmax_attention_bwd(precision, residuals, g):
     if mask is not None:
         d_scores = jnp.where(mask, d_scores, 0.0)
     d_scores = d_scores.astype(q.dtype)
-    d_q = _einsum("bhqk,bkhd->bqhd", d_scores, k, precision).astype(q.dtype)
-    d_k = _einsum("bhqk,bqhd->bkhd", d_scores, q, precision).astype(k.dtype)
-    d_v = _einsum("bhqk,bqhd->bkhd", probs.astype(v.dtype), g, precision).astype(v.dtype)
+    d_q = _heads_last(_einsum("bhqk,bkhd->bhdq", d_scores, k, precision).astype(q.dtype))
+    d_k = _heads_last(_einsum("bhqk,bqhd->bhdk", d_scores, q, precision).astype(k.dtype))
+    d_v = _heads_last(_einsum("bhqk,bqhd->bhdk", probs.astype(v.dtype), g, precision).astype(v.dtype))
     d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
     return d_q, d_k, d_v, d_mask
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def _heads_last(x: jnp.ndarray) -> jnp.ndarray:
+    """(batch, heads, head_dim, n) -> (batch, n, heads, head_dim). The gradients' products come out in the first
+    layout (XLA:CPU picks it for them either way), and `swap_last_axes` moves them into the second several times
+    faster than the strided fusion XLA makes of a transpose (~3% of the bf16 train step)."""
+    b, h, d, n = x.shape
+    return swap_last_axes(x.reshape(b, h * d, n)).reshape(b, n, h, d)
 
 
 def cached_attention(
