@@ -105,11 +105,13 @@ def _low_precision_matmul_fwd(a, b, out_dtype, rhs_transposed, precision):
 def _low_precision_matmul_bwd(out_dtype, rhs_transposed, precision, residuals, g):
     a, b = residuals
     g = g.astype(a.dtype)  # the gradient of a bf16 result is bf16, as under autocast
+    # the weight gradient's left operand transposed row-major on CPU: XLA:CPU turns the product of a plain x.T into
+    # a float32 one, 3-6x slower (elsewhere a plain transpose, which XLA folds into the product)
     if rhs_transposed:  # y = a @ b.T, b (cols, k)
         return (_dot_f32(g, b, 1, 0, precision).astype(a.dtype),
-                _dot_f32(_row_major_transpose(g), a, 1, 0, precision).astype(b.dtype))
+                _dot_f32(swap_last_axes(g), a, 1, 0, precision).astype(b.dtype))
     return (_dot_f32(g, b, 1, 1, precision).astype(a.dtype),
-            _dot_f32(_row_major_transpose(a), g, 1, 0, precision).astype(b.dtype))
+            _dot_f32(swap_last_axes(a), g, 1, 0, precision).astype(b.dtype))
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
@@ -163,13 +165,6 @@ def cross_entropy_gradient(logits: jnp.ndarray, labels: jnp.ndarray, weights: jn
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     grad = (weights * (1.0 + 2.0 * z_loss_weight * log_z))[..., None] * probs - weights[..., None] * one_hot
     return log_z, label_logits, grad.astype(dtype)
-
-
-def _row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
-    """x.T for a weight gradient's left operand: on CPU a row-major copy (`cpu_kernels.transpose`), the layout
-    XLA:CPU's fast bf16 products take (it turns the product of a plain x.T into a float32 one, 3-6x slower);
-    elsewhere x.T, which XLA folds into the product."""
-    return swap_last_axes(x)
 
 
 def swap_last_axes(x: jnp.ndarray) -> jnp.ndarray:

@@ -49,6 +49,13 @@ void row(const float* x, int64_t V, int32_t label, float w, float z, G* grad, fl
   *label_logit = (label >= 0 && label < V) ? x[label] : 0.0f;
 }
 
+// every row, one per work item
+template <typename G>
+void rows(ffi::ThreadPool& pool, const float* x, const int32_t* l, const float* w, float z, G* g, float* lz,
+          float* ll, int64_t R, int64_t V) {
+  perceiver_ar::parallel_for(pool, R, [=](int64_t r) { row(x + r * V, V, l[r], w[r], z, g + r * V, lz + r, ll + r); });
+}
+
 ffi::Error CrossEntropy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> labels,
                         ffi::Buffer<ffi::F32> weights, ffi::Result<ffi::AnyBuffer> grad,
                         ffi::ResultBuffer<ffi::F32> log_z, ffi::ResultBuffer<ffi::F32> label_logit,
@@ -63,15 +70,14 @@ ffi::Error CrossEntropy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi:
   const float* w = weights.typed_data();
   float* lz = log_z->typed_data();
   float* ll = label_logit->typed_data();
-  const float z = z_loss_weight;
-  if (grad->element_type() == ffi::BF16) {
-    uint16_t* g = static_cast<uint16_t*>(grad->untyped_data());
-    perceiver_ar::parallel_for(pool, R, [=](int64_t r) { row(x + r * V, V, l[r], w[r], z, g + r * V, lz + r, ll + r); });
-  } else if (grad->element_type() == ffi::F32) {
-    float* g = static_cast<float*>(grad->untyped_data());
-    perceiver_ar::parallel_for(pool, R, [=](int64_t r) { row(x + r * V, V, l[r], w[r], z, g + r * V, lz + r, ll + r); });
-  } else {
-    return ffi::Error::InvalidArgument("cross_entropy: grad must be bf16 or f32");
+  switch (grad->element_type()) {
+    case ffi::BF16:
+      rows(pool, x, l, w, z_loss_weight, static_cast<uint16_t*>(grad->untyped_data()), lz, ll, R, V);
+      break;
+    case ffi::F32:
+      rows(pool, x, l, w, z_loss_weight, static_cast<float*>(grad->untyped_data()), lz, ll, R, V);
+      break;
+    default: return ffi::Error::InvalidArgument("cross_entropy: grad must be bf16 or f32");
   }
   return ffi::Error::Success();
 }

@@ -1,9 +1,10 @@
 // Results XLA cannot fold into their consumers: a custom call's result is a buffer of its own, row-major.
 //
 // Transpose, y (..., C, R) = x (..., R, C) with the last two axes swapped, for 2- and 4-byte elements: XLA:CPU
-// multiplies a matrix whose contracted axis is its leading one (the weight gradient x^T g of a dense layer, the
-// key and value gradients of attention) 3-6x slower than a row-major operand, and its layout assignment turns
-// every transpose written in HLO back into exactly that operand.
+// multiplies a matrix whose contracted axis is its leading one (the weight gradient x^T g of a dense layer) 3-6x
+// slower than a row-major operand, and its layout assignment turns every transpose written in HLO back into
+// exactly that operand; and its transposing fusions (attention's gradients, out of the (heads, head_dim, n)
+// layout its products leave them in) read one side with a stride, several times slower than 8 x 8 blocks.
 // Copy, y = x: XLA fuses an elementwise producer into each of its consumers and recomputes it per consumer
 // element; for cos and sin broadcast over attention heads that is most of a fusion's time.
 #include <immintrin.h>

@@ -72,8 +72,7 @@ class MLP(nn.Module):
             name=name)
         h = layer_norm("norm", cfg)(x)
         h = dense(self.widening_factor * cfg.num_channels, ("embed", "mlp"), "fc1")(h)
-        # in float32: XLA:CPU has no bf16 elementwise maths, and converting is what it would do anyway
-        h = backend.gelu(h)  # in float32, rounded to h's dtype
+        h = backend.gelu(h)  # evaluated in float32, rounded to h's dtype
         return dense(cfg.num_channels, ("mlp", "embed"), "fc2")(h)
 
 
