@@ -51,11 +51,12 @@ import numpy as np
 
 PANEL = 64  # output columns per panel (the kernel's register tile)
 SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc", "cross_entropy.cc",
-                                                          "gelu.cc")]
-HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h")]
+                                                          "gelu.cc", "batched_matmul.cc")]
+HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h", "transpose_block.h")]
 TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_ar_transpose": "PerceiverArTranspose",
            "perceiver_ar_copy": "PerceiverArCopy", "perceiver_ar_cross_entropy": "PerceiverArCrossEntropy",
-           "perceiver_ar_gelu": "PerceiverArGelu", "perceiver_ar_gelu_grad": "PerceiverArGeluGrad"}
+           "perceiver_ar_gelu": "PerceiverArGelu", "perceiver_ar_gelu_grad": "PerceiverArGeluGrad",
+           "perceiver_ar_batched_matmul": "PerceiverArBatchedMatmul"}
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,25 @@ def available() -> bool:
     if not _cpu_has_avx512():
         return False
     try:
-        library = ctypes.CDLL(str(_build()))
+        library = _library()
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
         log.warning("the CPU kernels are not available (%s); using XLA's own operations", e)
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def amx_available() -> bool:
+    """Whether `batched_matmul` runs on AMX tiles here (the kernels are available, the CPU has AMX with bf16
+    products, and the OS lets this process use them)."""
+    return available() and bool(_library().PerceiverArAmxAvailable())
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    return ctypes.CDLL(str(_build()))
 
 
 def _build() -> Path:
@@ -168,3 +181,51 @@ def copy(x: jnp.ndarray) -> jnp.ndarray:
     """x, computed into a buffer of its own that XLA cannot fuse into x's consumers. Needs `available()`."""
     return jax.ffi.ffi_call("perceiver_ar_copy", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")(x)
+
+
+def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, emulate: bool = False) -> jnp.ndarray:
+    """einsum(subscripts, a, b) of two bf16 4-D operands with float32 accumulation, in out_dtype (float32 or
+    bfloat16, rounded once): two batch axes (in every operand and the result), one free axis each and one
+    contracted axis, in any order; the result's last axis must be a free one. M, N and K multiples of 32
+    (`batched_matmul_supports`). Needs `amx_available()`, or emulate=True (the same packing with scalar products,
+    on any CPU the kernels build on: for tests)."""
+    inputs, out = subscripts.split("->")
+    a_axes, b_axes = inputs.split(",")
+    if out[-1] in a_axes:  # C's rows contiguous: C^T = B^T A^T
+        a, b, a_axes, b_axes = b, a, b_axes, a_axes
+    size = {**dict(zip(a_axes, a.shape, strict=True)), **dict(zip(b_axes, b.shape, strict=True))}
+    batch = [axis for axis in out if axis in a_axes and axis in b_axes]
+    m, = (axis for axis in a_axes if axis not in b_axes)
+    n = out[-1]
+    k, = (axis for axis in a_axes if axis in b_axes and axis not in out)
+    strides = lambda axes, order: np.array([_row_major_strides(axes, size)[axis] for axis in order], np.int64)  # noqa: E731
+    call = jax.ffi.ffi_call("perceiver_ar_batched_matmul",
+                            jax.ShapeDtypeStruct(tuple(size[axis] for axis in out), out_dtype),
+                            vmap_method="sequential")
+    return call(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                dims=np.array([size[batch[0]], size[batch[1]], size[m], size[n], size[k]], np.int64),
+                a_strides=strides(a_axes, (*batch, m, k)), b_strides=strides(b_axes, (*batch, k, n)),
+                c_strides=strides(out, (*batch, m, n)), emulate=bool(emulate))
+
+
+def batched_matmul_supports(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> bool:
+    """Whether `batched_matmul` takes this product (its form and shapes; not whether the CPU has AMX)."""
+    inputs, out = subscripts.split("->")
+    a_axes, b_axes = inputs.split(",")
+    if not (a.ndim == len(a_axes) == b.ndim == len(b_axes) == len(out) == 4):
+        return False
+    size_a, size_b = dict(zip(a_axes, a.shape, strict=True)), dict(zip(b_axes, b.shape, strict=True))
+    batch = [axis for axis in out if axis in a_axes and axis in b_axes]
+    contracted = [axis for axis in a_axes if axis in b_axes and axis not in out]
+    free = [axis for axis in a_axes if axis not in b_axes] + [axis for axis in b_axes if axis not in a_axes]
+    return (len(batch) == 2 and len(contracted) == 1 and len(free) == 2 and set(out) == {*batch, *free}
+            and out[-1] in free and all(size_a[axis] == size_b[axis] for axis in batch + contracted)
+            and all({**size_a, **size_b}[axis] % 32 == 0 for axis in contracted + free))
+
+
+def _row_major_strides(axes: str, size: dict[str, int]) -> dict[str, int]:
+    strides, stride = {}, 1
+    for axis in reversed(axes):
+        strides[axis] = stride
+        stride *= size[axis]
+    return strides

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include "parallel_for.h"
+#include "transpose_block.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -18,46 +19,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTile = 64;  // a 64 x 64 tile of either element size fits in L1 twice over
-
-// 8 x 8 blocks in registers: rows of x at stride C, rows of y at stride R.
-inline void block8(const uint16_t* x, uint16_t* y, int64_t C, int64_t R) {
-  __m128i r[8], a[8], b[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128((const __m128i*)(x + i * C));
-  for (int i = 0; i < 4; ++i) {
-    a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) {
-      b[4 * i + j] = _mm_unpacklo_epi32(a[4 * i + j], a[4 * i + j + 2]);
-      b[4 * i + j + 2] = _mm_unpackhi_epi32(a[4 * i + j], a[4 * i + j + 2]);
-    }
-  // b[0] = cols 0,1 of rows 0-3; b[1] = cols 4,5; b[2] = cols 2,3; b[3] = cols 6,7; b[4..7] the same for rows 4-7
-  const int col_of[4] = {0, 4, 2, 6};
-  for (int j = 0; j < 4; ++j) {
-    _mm_storeu_si128((__m128i*)(y + col_of[j] * R), _mm_unpacklo_epi64(b[j], b[j + 4]));
-    _mm_storeu_si128((__m128i*)(y + (col_of[j] + 1) * R), _mm_unpackhi_epi64(b[j], b[j + 4]));
-  }
-}
-
-inline void block8(const uint32_t* x, uint32_t* y, int64_t C, int64_t R) {
-  __m256 r[8], a[8], b[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps((const float*)(x + i * C));
-  for (int i = 0; i < 4; ++i) {
-    a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    b[4 * i + 0] = _mm256_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
-    b[4 * i + 1] = _mm256_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
-    b[4 * i + 2] = _mm256_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
-    b[4 * i + 3] = _mm256_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    _mm256_storeu_ps((float*)(y + j * R), _mm256_permute2f128_ps(b[j], b[j + 4], 0x20));
-    _mm256_storeu_ps((float*)(y + (j + 4) * R), _mm256_permute2f128_ps(b[j], b[j + 4], 0x31));
-  }
-}
 
 // Rows r0 .. r0 + kTile - 1 of x into columns of y, tile by tile; 8 x 8 blocks in registers, the edges one by one.
 template <typename T>
@@ -68,7 +29,7 @@ void tile_rows(const T* x, T* y, int64_t R, int64_t C, int64_t r0) {
     int64_t r = r0;
     for (; r + 8 <= r1; r += 8) {
       int64_t c = c0;
-      for (; c + 8 <= c1; c += 8) block8(x + r * C + c, y + c * R + r, C, R);
+      for (; c + 8 <= c1; c += 8) perceiver_ar::block8(x + r * C + c, y + c * R + r, C, R);
       for (; c < c1; ++c)
         for (int64_t i = r; i < r + 8; ++i) y[c * R + i] = x[i * C + c];
     }

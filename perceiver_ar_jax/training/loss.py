@@ -26,10 +26,11 @@ import jax.numpy as jnp
 from perceiver_ar_jax import backend
 
 # rows (batch x latent positions, per device) whose logits are computed at once when no config says otherwise:
-# 256 x a 32,000 vocabulary x 4 bytes = 33 MB per (rows, vocab) float32 array. Small chunks stay in the CPU's
-# caches: bench/train_step.py's step (4 x 256 latents) takes 1.50 s (fp32) and 1.12 s (bf16) with 256-row chunks,
-# 2.01 s and 1.85 s as one chunk of 1024 rows, 1.66 s and 1.73 s unchunked (2 cores)
-DEFAULT_CHUNK_TOKENS = 256
+# 1024 x a 32,000 vocabulary x 4 bytes = 131 MB per (rows, vocab) float32 array. Every further chunk adds a pass
+# over the (vocab, channels) float32 gradient accumulator: bench/train_step.py's step (4 x 256 latents, 2 cores)
+# is ~6% faster in bf16 and 2-6% in fp32 as one chunk of 1024 rows than as four of 256 (paired steps, one
+# process). (Before the host memory was reused across steps and the cross-entropy kernel, 256 was the faster.)
+DEFAULT_CHUNK_TOKENS = 1024
 
 # (output params, rows (batch, c, channels)) -> float32 logits (batch, c, vocab)
 Project = Callable[[Any, jnp.ndarray], jnp.ndarray]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver_ar_jax.backend import as_precision, swap_last_axes
+from perceiver_ar_jax.backend import as_precision, batched_product, batched_product_on_kernel, swap_last_axes
 from perceiver_ar_jax.model.masks import AttentionMask, causal_mask
 
 # What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
@@ -62,16 +62,20 @@ def _einsum(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, precision) -> jnp.n
     return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _probabilities(q, k, mask, precision) -> jnp.ndarray:
-    """softmax(q k^T), masked: (batch, heads, queries, keys) float32."""
-    scores = _einsum("bqhd,bkhd->bhqk", q, k, precision)
+def _probabilities(q, k, mask, precision, kernels: bool = False) -> jnp.ndarray:
+    """softmax(q k^T), masked: (batch, heads, queries, keys) float32. kernels: the product may run on
+    `backend.batched_product`'s CPU kernel (not differentiable: inside the custom VJP only)."""
+    scores = batched_product("bqhd,bkhd->bhqk", q, k, jnp.float32, precision) if kernels else \
+        _einsum("bqhd,bkhd->bhqk", q, k, precision)
     if mask is not None:
         scores = jnp.where(mask, scores, MASKED_SCORE)
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _weighted_values(probs, v, precision) -> jnp.ndarray:
+def _weighted_values(probs, v, precision, kernels: bool = False) -> jnp.ndarray:
     """probs (batch, heads, queries, keys) float32 x v -> (batch, queries, heads, head_dim) in v's dtype."""
+    if kernels:
+        return batched_product("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, v.dtype, precision)
     return _einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision).astype(v.dtype)
 
 
@@ -80,28 +84,28 @@ def _weighted_values(probs, v, precision) -> jnp.ndarray:
 # or keys, which XLA computes in float32 (on CPU with both operands converted and off the fast path: the bench
 # model's attention products took 187 ms of op time per bf16 train step with it, ~120 ms with this one). The score
 # gradient is rounded to the compute dtype first, as under PyTorch's autocast; with float32 operands this is JAX's
-# own derivative.
+# own derivative. Its products may run on `backend.batched_product`'s CPU kernel (bf16 on CPUs with AMX tiles).
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _softmax_attention(q, k, v, mask, precision):
     return _softmax_attention_fwd(q, k, v, mask, precision)[0]
 
 
 def _softmax_attention_fwd(q, k, v, mask, precision):
-    probs = _probabilities(q, k, mask, precision)
-    return _weighted_values(probs, v, precision), (q, k, v, mask, probs)
+    probs = _probabilities(q, k, mask, precision, kernels=True)
+    return _weighted_values(probs, v, precision, kernels=True), (q, k, v, mask, probs)
 
 
 def _softmax_attention_bwd(precision, residuals, g):
     q, k, v, mask, probs = residuals
     g = g.astype(v.dtype)
-    d_probs = _einsum("bqhd,bkhd->bhqk", g, v, precision)
+    d_probs = batched_product("bqhd,bkhd->bhqk", g, v, jnp.float32, precision)
     d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))  # softmax's vjp
     if mask is not None:
         d_scores = jnp.where(mask, d_scores, 0.0)
     d_scores = d_scores.astype(q.dtype)
-    d_q = _heads_last(_einsum("bhqk,bkhd->bhdq", d_scores, k, precision).astype(q.dtype))
-    d_k = _heads_last(_einsum("bhqk,bqhd->bhdk", d_scores, q, precision).astype(k.dtype))
-    d_v = _heads_last(_einsum("bhqk,bqhd->bhdk", probs.astype(v.dtype), g, precision).astype(v.dtype))
+    d_q = _input_gradient("bhqk,bkhd->bqhd", d_scores, k, q.dtype, precision)
+    d_k = _input_gradient("bhqk,bqhd->bkhd", d_scores, q, k.dtype, precision)
+    d_v = _input_gradient("bhqk,bqhd->bkhd", probs.astype(v.dtype), g, v.dtype, precision)
     d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
     return d_q, d_k, d_v, d_mask
 
@@ -109,12 +113,18 @@ def _softmax_attention_bwd(precision, residuals, g):
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def _heads_last(x: jnp.ndarray) -> jnp.ndarray:
-    """(batch, heads, head_dim, n) -> (batch, n, heads, head_dim). The gradients' products come out in the first
-    layout (XLA:CPU picks it for them either way), and `swap_last_axes` moves them into the second faster than the
-    strided fusions XLA makes of a transpose (bench model, bf16 step: ~30 -> ~10 ms of op time)."""
-    b, h, d, n = x.shape
-    return swap_last_axes(x.reshape(b, h * d, n)).reshape(b, n, h, d)
+def _input_gradient(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, dtype, precision) -> jnp.ndarray:
+    """The gradient of q, k or v, (batch, n, heads, head_dim) in dtype: `subscripts` ends in "->b?hd".
+
+    The CPU kernel writes it in that layout. XLA computes such a product in (batch, heads, head_dim, n) whatever
+    it is asked for, then moves it with a strided transposing fusion; `swap_last_axes` moves it faster (bench
+    model, bf16 step: ~30 -> ~10 ms of op time)."""
+    if batched_product_on_kernel(subscripts, a, b):
+        return batched_product(subscripts, a, b, dtype)
+    operands, out = subscripts.split("->")
+    x = _einsum(f"{operands}->{out[0]}{out[2]}{out[3]}{out[1]}", a, b, precision).astype(dtype)
+    batch, heads, head_dim, n = x.shape
+    return swap_last_axes(x.reshape(batch, heads * head_dim, n)).reshape(batch, n, heads, head_dim)
 
 
 def cached_attention(
