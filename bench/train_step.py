@@ -13,7 +13,9 @@ bfloat16 compute (float32 parameters and optimizer state). tokens/s count batch 
 Both sides run on the same cores (--cores, default all this process may use): ours pinned, the reference started
 on them with one torch thread per core (bench/cores.py).
 
-It also prints the step's FLOPs (XLA's cost analysis of our compiled step; the reference computes the same model)
+It also prints the step's FLOPs (the matrix products of the forward pass times 3, `training.metrics.
+train_flops_per_step`, the same for both sides and dtypes; XLA's cost analysis of our compiled step is recorded
+beside it, but it counts a while loop's body once and no custom call's products)
 and the matmul peaks measured in the same run on the same cores: a 2048^3 product in float32 and in
 bfloat16 x bfloat16 -> float32, in JAX and in torch. Each side's step is then given as a fraction of its own
 library's peak of both dtypes (FLOPs / step time / peak). The two sides alternate for --rounds rounds (ours timed
@@ -126,6 +128,7 @@ def prepare_ours(dtype: str, remat_policy: str | None, attention_impl: str,
 
     from perceiver_ar_jax.model import CausalLanguageModel, CausalLanguageModelConfig
     from perceiver_ar_jax.training import optimizer as optim
+    from perceiver_ar_jax.training.metrics import train_flops_per_step
     from perceiver_ar_jax.training.step import TrainState, train_step
 
     config = CausalLanguageModelConfig(**BENCH_MODEL, dtype=DTYPES[dtype], attention_impl=attention_impl,
@@ -169,7 +172,8 @@ def prepare_ours(dtype: str, remat_policy: str | None, attention_impl: str,
 
     num_params = sum(x.size for x in jax.tree.leaves(params))
     return dict(impl="perceiver-ar-jax", dtype=dtype, compile_s=compile_s, num_params=int(num_params),
-                step_flops=float(cost.get("flops", 0.0)), remat_policy=remat_policy, attention_impl=attention_impl,
+                step_flops=train_flops_per_step(config, BATCH, SEQ_LEN), xla_cost_analysis_flops=float(
+                    cost.get("flops", 0.0)), remat_policy=remat_policy, attention_impl=attention_impl,
                 loss_chunk_tokens=loss_chunk_tokens, jax=jax.__version__, devices=str(jax.devices())), timer
 
 

@@ -1,6 +1,6 @@
 """`backend.cross_entropy_gradient`: log Z, the labels' logits and the loss's gradient, by the CPU kernel
-(backend/cross_entropy.cc, taken for bf16 gradients) and by XLA's formula (everywhere else): the same numbers, the
-kernel's bf16 gradient the rounding of the exact one."""
+(backend/cross_entropy.cc, on CPU) and by XLA's formula (everywhere else): the same numbers, the kernel's bf16
+gradient the rounding of the exact one."""
 
 import jax
 import jax.numpy as jnp
@@ -53,21 +53,23 @@ def test_kernel_matches_the_exact_values(vocab, z_loss_weight):
 
 
 @needs_kernels
-def test_backend_takes_the_kernel_for_bf16_gradients_only():
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_backend_takes_the_kernel_on_cpu(dtype, monkeypatch):
     logits, labels, weights = inputs(8, 100)
     logits, labels, weights = logits.reshape(2, 4, 100), labels.reshape(2, 4), weights.reshape(2, 4)
-    results = {}
-    for dtype in (jnp.bfloat16, jnp.float32):
-        fn = jax.jit(lambda x, y, w, dtype=dtype: backend.cross_entropy_gradient(x, y, w, 1e-4, dtype))
-        assert ("perceiver_ar_cross_entropy" in fn.lower(logits, labels, weights).compile().as_text()) == (
-            dtype == jnp.bfloat16)
-        results[dtype] = fn(logits, labels, weights)
-        assert results[dtype][2].shape == (2, 4, 100) and results[dtype][0].shape == (2, 4)
-    for a, b in zip(results[jnp.bfloat16], results[jnp.float32], strict=True):  # kernel against XLA's formula
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(cpu_kernels, "available", lambda kernels=kernels: kernels)
+        fn = jax.jit(lambda x, y, w: backend.cross_entropy_gradient(x, y, w, 1e-4, dtype))
+        assert ("perceiver_ar_cross_entropy" in fn.lower(logits, labels, weights).compile().as_text()) == kernels
+        results.append(fn(logits, labels, weights))
+        assert results[-1][2].shape == (2, 4, 100) and results[-1][0].shape == (2, 4) and results[-1][2].dtype == dtype
+    for a, b in zip(*results, strict=True):  # kernel against XLA's formula
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 ** -8, atol=1e-6)
 
 
-def test_xla_formula_matches_the_exact_values():
+def test_xla_formula_matches_the_exact_values(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     logits, labels, weights = inputs(5, 50)
     log_z, label, grad = backend.cross_entropy_gradient(logits, labels, weights, 1e-4, jnp.float32)
     want = exact(logits, labels, weights, 1e-4)
