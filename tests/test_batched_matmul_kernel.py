@@ -1,8 +1,8 @@
-"""`backend.batched_product` and its CPU kernel (backend/batched_matmul.cc): attention's bf16 products with two
-batch axes, any layout of the axes, float32 or bf16 results. The kernel runs on AMX tiles where the CPU has them;
-`emulate=True` runs the same packing with scalar products on any CPU the kernels build on, so every path of the
-packing is tested everywhere, and the AMX path too where it exists. Dense attention's values and gradients through
-the kernel equal those through XLA's products."""
+"""`backend.batched_product` and its CPU kernel (backend/batched_matmul.cc): attention's products with two batch
+axes, any layout of the axes; float32 operands (AVX-512), and bf16 ones with float32 or bf16 results. bf16 runs
+on AMX tiles where the CPU has them; `emulate=True` runs the same packing with scalar products on any CPU the
+kernels build on, so every path of the packing is tested everywhere, and the AMX path too where it exists. Dense
+attention's values and gradients through the kernel equal those through XLA's products, in both dtypes."""
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,9 @@ FORMS = ["bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", "bhqk,bqhd->bkhd", "bhqk,bqhd->bh
          "bqhd,bhqk->bkhd", "bqdh,bkdh->bhqk", "bdqh,bkdh->bhqk"]
 
 
-def operand(axes, seed):
+def operand(axes, seed, dtype=jnp.bfloat16):
     x = jax.random.normal(jax.random.key(seed), tuple(SIZES[a] for a in axes))
-    return x.astype(jnp.bfloat16)
+    return x.astype(dtype)
 
 
 def exact(subscripts, a, b):
@@ -48,6 +48,17 @@ def test_products_equal_einsum_in_float32_and_bf16(subscripts, emulate):
     assert f32.shape == bf16.shape == want.shape and f32.dtype == jnp.float32 and bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(f32, want, rtol=1e-5, atol=1e-5)  # bf16 products are exact in float32
     np.testing.assert_array_equal(bf16, f32.astype(jnp.bfloat16))  # rounded once, to nearest even
+
+
+@needs_kernels
+@pytest.mark.parametrize("subscripts", FORMS)
+def test_float32_products_equal_einsum(subscripts):
+    a_axes, b_axes = subscripts.split("->")[0].split(",")
+    a, b = operand(a_axes, 0, jnp.float32), operand(b_axes, 1, jnp.float32)
+    assert cpu_kernels.batched_matmul_supports(subscripts, a, b)
+    got = jax.jit(lambda a, b: cpu_kernels.batched_matmul(subscripts, a, b, jnp.float32))(a, b)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, exact(subscripts, a, b), rtol=1e-5, atol=1e-4)
 
 
 @needs_kernels
@@ -78,6 +89,8 @@ def test_supported_forms_and_shapes():
     assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x[:, :40], x)  # 40 queries
     assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x[..., :16], x[..., :16])  # head_dim 16
     assert not cpu_kernels.batched_matmul_supports("bqhd,bqhd->bhqd", x, x)  # nothing contracted
+    assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x, x.astype(jnp.float32))  # mixed dtypes
+    assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", *(x.astype(jnp.float16),) * 2)
 
 
 @needs_kernels
@@ -92,7 +105,7 @@ def test_kernel_rejects_strides_past_an_operand():
 
 
 def test_batched_product_is_einsum_off_the_kernel():
-    x = jax.random.normal(jax.random.key(0), (2, 8, 3, 4))  # float32 and odd sizes: XLA's einsum
+    x = jax.random.normal(jax.random.key(0), (2, 8, 3, 4))  # odd sizes: XLA's einsum
     assert not backend.batched_product_on_kernel("bqhd,bkhd->bhqk", x, x)
     np.testing.assert_allclose(backend.batched_product("bqhd,bkhd->bhqk", x, x, jnp.float32),
                                exact("bqhd,bkhd->bhqk", x, x), rtol=1e-5, atol=1e-5)
@@ -100,10 +113,11 @@ def test_batched_product_is_einsum_off_the_kernel():
 
 @needs_kernels
 @pytest.mark.parametrize("masked", [False, True])
-def test_bf16_attention_and_gradients_through_the_kernel_equal_xla(masked, monkeypatch):
-    """The custom VJP's six products on the kernel (emulated where the CPU has no AMX) against XLA's einsums."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_attention_and_gradients_through_the_kernel_equal_xla(dtype, masked, monkeypatch):
+    """The custom VJP's six products on the kernel (bf16 emulated where the CPU has no AMX) against XLA's."""
     shapes = [(2, 64, 2, 32), (2, 96, 2, 32), (2, 96, 2, 32), (2, 64, 2, 32)]
-    q, k, v, g = (jax.random.normal(jax.random.key(i), s).astype(jnp.bfloat16) for i, s in enumerate(shapes))
+    q, k, v, g = (jax.random.normal(jax.random.key(i), s).astype(dtype) for i, s in enumerate(shapes))
     mask = causal_mask(64, 96) if masked else None
 
     def run():
@@ -115,8 +129,9 @@ def test_bf16_attention_and_gradients_through_the_kernel_equal_xla(masked, monke
     kernel_loss, kernel_grads = run()
     monkeypatch.setattr(cpu_kernels, "batched_matmul_supports", lambda *args: False)
     xla_loss, xla_grads = run()
-    np.testing.assert_allclose(kernel_loss, xla_loss, rtol=1e-3)
+    tolerance = 1e-2 if dtype == jnp.bfloat16 else 1e-4  # the loss sums terms of both signs
+    np.testing.assert_allclose(kernel_loss, xla_loss, rtol=tolerance)
     for got, want in zip(kernel_grads, xla_grads, strict=True):
-        assert got.dtype == want.dtype == jnp.bfloat16
+        assert got.dtype == want.dtype == dtype
         scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-2 * scale)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance * scale)

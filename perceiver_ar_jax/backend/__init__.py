@@ -178,20 +178,21 @@ def batched_product(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype,
     """einsum(subscripts, a, b) accumulated in float32, in out_dtype (rounded once): a product of two 4-D operands
     with two batch axes, one free axis each and one contracted axis (attention's, e.g. "bqhd,bkhd->bhqk").
 
-    bf16 operands on a CPU with AMX tiles, sizes multiples of 32, run on `cpu_kernels.batched_matmul`, which reads
-    and writes any layout of the axes (bench model's bf16 step: 2-3x XLA's speed on these products); not
-    differentiable there (call it from a custom VJP). Elsewhere XLA's einsum.
+    On CPU, sizes multiples of 32, float32 operands and bf16 ones where the CPU has AMX tiles run on
+    `cpu_kernels.batched_matmul`, which reads and writes any layout of the axes (bench model: 2-3x XLA's speed on
+    these products); not differentiable there (call it from a custom VJP). Elsewhere XLA's einsum.
     """
     if batched_product_on_kernel(subscripts, a, b):
-        return cpu_kernels.batched_matmul(subscripts, a, b, out_dtype, emulate=not cpu_kernels.amx_available())
+        return cpu_kernels.batched_matmul(subscripts, a, b, out_dtype,
+                                          emulate=a.dtype == jnp.bfloat16 and not cpu_kernels.amx_available())
     return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32,
                       precision=as_precision(precision)).astype(out_dtype)
 
 
 def batched_product_on_kernel(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> bool:
     """Whether `batched_product` runs this product on the CPU kernel."""
-    return (a.dtype == b.dtype == jnp.bfloat16 and cpu_kernels.available()
-            and (EMULATE_AMX or cpu_kernels.amx_available()) and cpu_kernels.batched_matmul_supports(subscripts, a, b))
+    return (cpu_kernels.available() and cpu_kernels.batched_matmul_supports(subscripts, a, b)
+            and (a.dtype == jnp.float32 or EMULATE_AMX or cpu_kernels.amx_available()))
 
 
 def swap_last_axes(x: jnp.ndarray) -> jnp.ndarray:

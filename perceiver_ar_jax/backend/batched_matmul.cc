@@ -1,17 +1,19 @@
-// Attention's products on the AMX tile units of Intel CPUs (Sapphire Rapids and later): for every (b1, b2) of two
-// batch axes, C (M, N) = A (M, K) @ B (K, N), bf16 operands, float32 accumulation, a float32 or bf16 (rounded to
-// nearest even) result. Every operand is addressed through element strides, so the products read and write the
+// Attention's products: for every (b1, b2) of two batch axes, C (M, N) = A (M, K) @ B (K, N), float32
+// accumulation, a float32 or bf16 (rounded to nearest even) result. bf16 operands run on the AMX tile units of
+// Intel CPUs (Sapphire Rapids and later), float32 ones on AVX-512 FMAs. Every operand is addressed through element strides, so the products read and write the
 // model's own (batch, n, heads, head_dim) and (batch, heads, queries, keys) layouts, with either axis of A or B
 // the contracted one; only C's columns must be contiguous. M, N and K must be multiples of 32 (the caller uses XLA
 // otherwise).
 //
-// Why: XLA:CPU runs these batched products of 64-1024 wide matrices at 70-400 GFLOP/s in bf16 (oneDNN, in torch,
-// at 700-1200 on the same CPU), and those with a transposed operand (the key and value gradients) at 70-80.
+// Why: XLA:CPU runs these batched products of 64-1024 wide matrices at 230-500 GFLOP/s in bf16 (oneDNN, in torch,
+// at 700-1200 on the same CPU) and 80-120 in float32 (torch: 200-300), and those with a transposed operand (the
+// key and value gradients) at 70-90 in either.
 //
 // Each work item is one (b1, b2): B is packed whole into panels of 16 columns with k-pairs interleaved (the "VNNI"
 // layout TDPBF16PS multiplies), then A 32 rows at a time into 16 x 32 tiles, each a contiguous 1 KB, and the
 // product runs in 32 x 32 blocks of C (four accumulator tiles) over all of K. A whose contracted axis is not
-// contiguous (the transposed operand) is packed through 8 x 8 register transposes.
+// contiguous (the transposed operand) is packed through 8 x 8 register transposes. float32 products pack B into
+// panels of 32 columns and A 8 rows at a time, k-major, and run in 8 x 32 blocks of C held in 16 registers.
 //
 // `emulate` runs the same packing with a scalar loop in place of the tile instructions, on any CPU: for tests.
 #include <immintrin.h>
@@ -189,6 +191,71 @@ void product(Matrix a, Matrix b, char* c, int64_t c_rows, size_t c_bytes, Dims d
 #endif
 }
 
+// ---- float32 operands: AVX-512 FMAs ----
+
+// B (K, N) -> N / 32 panels of [K][32 columns]
+void pack_b_f32(const float* b, int64_t s_k, int64_t s_n, int64_t K, int64_t N, float* out) {
+  for (int64_t p = 0; p < N / 32; ++p) {
+    float* o = out + p * K * 32;
+    if (s_n == 1) {
+      for (int64_t k = 0; k < K; ++k) std::memcpy(o + k * 32, b + k * s_k + p * 32, 128);
+    } else if (s_k == 1) {  // columns contiguous: 8 x 8 transposes
+      for (int64_t n = 0; n < 32; n += 8)
+        for (int64_t k = 0; k < K; k += 8)
+          perceiver_ar::block8(reinterpret_cast<const uint32_t*>(b + (p * 32 + n) * s_n + k),
+                               reinterpret_cast<uint32_t*>(o + k * 32 + n), s_n, 32);
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < 32; ++n) o[k * 32 + n] = b[k * s_k + (p * 32 + n) * s_n];
+    }
+  }
+}
+
+// A's rows [m0, m0 + 8) -> [K][8]
+void pack_a_f32(const float* a, int64_t s_m, int64_t s_k, int64_t K, int64_t m0, float* out) {
+  if (s_k == 1) {  // rows contiguous: 8 x 8 transposes
+    for (int64_t k = 0; k < K; k += 8)
+      perceiver_ar::block8(reinterpret_cast<const uint32_t*>(a + m0 * s_m + k),
+                           reinterpret_cast<uint32_t*>(out + k * 8), s_m, 8);
+  } else if (s_m == 1) {  // stored transposed: each k's 8 rows are contiguous
+    for (int64_t k = 0; k < K; ++k) std::memcpy(out + k * 8, a + k * s_k + m0, 32);
+  } else {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < 8; ++m) out[k * 8 + m] = a[(m0 + m) * s_m + k * s_k];
+  }
+}
+
+// C's 8 x 32 block (rows of stride c_rows) = packed A rows x one packed B panel
+void block_f32(const float* a, const float* b, int64_t K, float* c, int64_t c_rows) {
+  __m512 acc[8][2];
+  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * 32), b1 = _mm512_loadu_ps(b + k * 32 + 16);
+    for (int i = 0; i < 8; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[k * 8 + i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_ps(c + i * c_rows, acc[i][0]);
+    _mm512_storeu_ps(c + i * c_rows + 16, acc[i][1]);
+  }
+}
+
+void product_f32(const float* a, const int64_t* a_s, const float* b, const int64_t* b_s, float* c, int64_t c_rows,
+                 Dims d) {
+  thread_local std::vector<float> b_packed, a_block;
+  b_packed.resize(d.K * d.N);
+  a_block.resize(8 * d.K);
+  pack_b_f32(b, b_s[0], b_s[1], d.K, d.N, b_packed.data());
+  for (int64_t m0 = 0; m0 < d.M; m0 += 8) {
+    pack_a_f32(a, a_s[0], a_s[1], d.K, m0, a_block.data());
+    for (int64_t p = 0; p < d.N / 32; ++p)
+      block_f32(a_block.data(), b_packed.data() + p * d.K * 32, d.K, c + m0 * c_rows + p * 32, c_rows);
+  }
+}
+
 // The largest element offset the strides reach, below the buffer's size.
 bool within(ffi::Span<const int64_t> strides, std::initializer_list<int64_t> dims, int64_t size) {
   int64_t last = 0, i = 0;
@@ -199,16 +266,19 @@ bool within(ffi::Span<const int64_t> strides, std::initializer_list<int64_t> dim
   return last < size;
 }
 
-ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                          ffi::Result<ffi::AnyBuffer> c, ffi::Span<const int64_t> dims,
                          ffi::Span<const int64_t> a_strides, ffi::Span<const int64_t> b_strides,
                          ffi::Span<const int64_t> c_strides, bool emulate) {
   if (dims.size() != 5 || a_strides.size() != 4 || b_strides.size() != 4 || c_strides.size() != 4)
     return ffi::Error::InvalidArgument("batched_matmul: dims (b1, b2, M, N, K) and 4 strides per operand expected");
   const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4]};
-  const auto type = c->element_type();
+  const auto type = c->element_type(), operands = a.element_type();
   const size_t c_bytes = type == ffi::DataType::F32 ? 4 : type == ffi::DataType::BF16 ? 2 : 0;
   if (c_bytes == 0) return ffi::Error::InvalidArgument("batched_matmul: a float32 or bf16 result expected");
+  const bool f32 = operands == ffi::DataType::F32;
+  if (b.element_type() != operands || !(f32 || operands == ffi::DataType::BF16) || (f32 && c_bytes != 4))
+    return ffi::Error::InvalidArgument("batched_matmul: bf16 operands, or float32 ones with a float32 result");
   if (d.M % 32 || d.N % 32 || d.K % 32 || d.b1 < 1 || d.b2 < 1 || c_strides[3] != 1)
     return ffi::Error::InvalidArgument("batched_matmul: M, N, K multiples of 32 and C's columns contiguous expected");
   if (!within(a_strides, {d.b1, d.b2, d.M, d.K}, a.element_count()) ||
@@ -216,11 +286,22 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Bu
       !within(c_strides, {d.b1, d.b2, d.M, d.N}, c->element_count()))
     return ffi::Error::InvalidArgument("batched_matmul: strides reach past an operand");
 #if !HAVE_AMX
-  if (!emulate) return ffi::Error::InvalidArgument("batched_matmul: built without AMX support");
+  if (!f32 && !emulate) return ffi::Error::InvalidArgument("batched_matmul: built without AMX support");
 #endif
-  const uint16_t* a_data = reinterpret_cast<const uint16_t*>(a.typed_data());
-  const uint16_t* b_data = reinterpret_cast<const uint16_t*>(b.typed_data());
   char* c_data = static_cast<char*>(c->untyped_data());
+  if (f32) {
+    const float* a_data = static_cast<const float*>(a.untyped_data());
+    const float* b_data = static_cast<const float*>(b.untyped_data());
+    perceiver_ar::parallel_for(pool, d.b1 * d.b2, [=](int64_t i) {
+      const int64_t i1 = i / d.b2, i2 = i % d.b2;
+      product_f32(a_data + i1 * a_strides[0] + i2 * a_strides[1], a_strides.begin() + 2,
+                  b_data + i1 * b_strides[0] + i2 * b_strides[1], b_strides.begin() + 2,
+                  reinterpret_cast<float*>(c_data) + i1 * c_strides[0] + i2 * c_strides[1], c_strides[2], d);
+    });
+    return ffi::Error::Success();
+  }
+  const uint16_t* a_data = static_cast<const uint16_t*>(a.untyped_data());
+  const uint16_t* b_data = static_cast<const uint16_t*>(b.untyped_data());
   perceiver_ar::parallel_for(pool, d.b1 * d.b2, [=](int64_t i) {
     const int64_t i1 = i / d.b2, i2 = i % d.b2;
     Matrix am{a_data + i1 * a_strides[0] + i2 * a_strides[1], a_strides[2], a_strides[3]};
@@ -249,8 +330,8 @@ extern "C" int PerceiverArAmxAvailable() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverArBatchedMatmul, BatchedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("dims")
                                   .Attr<ffi::Span<const int64_t>>("a_strides")

@@ -190,11 +190,11 @@ def copy(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, emulate: bool = False) -> jnp.ndarray:
-    """einsum(subscripts, a, b) of two bf16 4-D operands with float32 accumulation, in out_dtype (float32 or
-    bfloat16, rounded once): two batch axes (in every operand and the result), one free axis each and one
+    """einsum(subscripts, a, b) of two 4-D operands with float32 accumulation, in out_dtype (float32, or bfloat16
+    rounded once for bf16 operands): two batch axes (in every operand and the result), one free axis each and one
     contracted axis, in any order; the result's last axis must be a free one. M, N and K multiples of 32
-    (`batched_matmul_supports`). Needs `amx_available()`, or emulate=True (the same packing with scalar products,
-    on any CPU the kernels build on: for tests)."""
+    (`batched_matmul_supports`). Needs `available()`, and for bf16 operands `amx_available()` or emulate=True (the
+    same packing with scalar products in place of the tiles, on any CPU: for tests)."""
     inputs, out = subscripts.split("->")
     a_axes, b_axes = inputs.split(",")
     if out[-1] in a_axes:  # C's rows contiguous: C^T = B^T A^T
@@ -208,17 +208,18 @@ def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, e
     call = jax.ffi.ffi_call("perceiver_ar_batched_matmul",
                             jax.ShapeDtypeStruct(tuple(size[axis] for axis in out), out_dtype),
                             vmap_method="sequential")
-    return call(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+    return call(a, b,
                 dims=np.array([size[batch[0]], size[batch[1]], size[m], size[n], size[k]], np.int64),
                 a_strides=strides(a_axes, (*batch, m, k)), b_strides=strides(b_axes, (*batch, k, n)),
                 c_strides=strides(out, (*batch, m, n)), emulate=bool(emulate))
 
 
 def batched_matmul_supports(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> bool:
-    """Whether `batched_matmul` takes this product (its form and shapes; not whether the CPU has AMX)."""
+    """Whether `batched_matmul` takes this product (its form, shapes and dtypes; not whether the CPU has AMX)."""
     inputs, out = subscripts.split("->")
     a_axes, b_axes = inputs.split(",")
-    if not (a.ndim == len(a_axes) == b.ndim == len(b_axes) == len(out) == 4):
+    if not (a.ndim == len(a_axes) == b.ndim == len(b_axes) == len(out) == 4) or a.dtype != b.dtype or \
+            a.dtype not in (jnp.bfloat16, jnp.float32):
         return False
     size_a, size_b = dict(zip(a_axes, a.shape, strict=True)), dict(zip(b_axes, b.shape, strict=True))
     batch = [axis for axis in out if axis in a_axes and axis in b_axes]
