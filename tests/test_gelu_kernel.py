@@ -1,5 +1,5 @@
-"""`backend.gelu`: the exact (erf) GELU in float32, returned in the input's dtype; on CPU in bf16 the kernel of
-backend/gelu.cc with its own derivative, whose values are those of the exact GELU rounded to bf16 (up to
+"""`backend.gelu`: the exact (erf) GELU in float32, returned in the input's dtype; on CPU the kernel of
+backend/gelu.cc with its own derivative (float32, and bf16 whose values are those of the exact GELU rounded, up to
 float32 error), and XLA's `jax.nn.gelu` everywhere else."""
 
 import math
@@ -57,7 +57,21 @@ def test_bf16_gelu_takes_the_kernel_and_matches_xla():
     np.testing.assert_array_equal(np.asarray(batched, np.float32), np.asarray(backend.gelu(x), np.float32))
 
 
-def test_float32_gelu_is_xlas():
+@needs_kernels
+def test_float32_gelu_and_gradient_are_the_exact_ones():
+    x, g = jnp.linspace(-7.0, 7.0, 40_001), jax.random.normal(jax.random.key(0), (40_001,))
+    y, vjp = jax.vjp(jax.jit(backend.gelu), x)
+    (dx,) = vjp(g)
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(backend.gelu(x)))).lower(x).compile().as_text()
+    assert y.dtype == dx.dtype == jnp.float32 and "perceiver_ar_gelu_grad" in hlo
+    # erf's float32 approximation (~1e-7) times x; the exact GELU's form, x (1 + erf(x / sqrt 2)) / 2, as torch's
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact_gelu(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), np.asarray(g, np.float64) * exact_slope(x), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_gelu_off_the_kernels_is_xlas(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     x = jnp.linspace(-7.0, 7.0, 1001)
     np.testing.assert_array_equal(jax.jit(backend.gelu)(x), jax.jit(lambda x: jax.nn.gelu(x, approximate=False))(x))
     np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(backend.gelu(x)))(x),

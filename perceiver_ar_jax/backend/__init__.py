@@ -9,7 +9,7 @@ Everything the library tunes for one backend lives here, behind functions whose 
 - `enable_compilation_cache`: JAX's persistent compilation cache, so that a second process starts fast;
 - `reuse_host_memory`: on CPU, the C heap keeps the memory of a step's buffers for the next step;
 - `computed_once`: a value XLA must not recompute inside each of its consumers (the rotary embedding's cos and sin);
-- `gelu`: the exact GELU (on CPU in bf16 a kernel: XLA's float32 erfc is ~4% of the bf16 train step);
+- `gelu`: the exact GELU (on CPU a kernel: XLA's float32 erfc is ~4% of the train step);
 - `cross_entropy_gradient`: a chunk of logits -> log Z, the labels' logits and the loss's gradient (on CPU in bf16
   one pass of a kernel over the logits instead of XLA's three);
 - `batched_product`: attention's products (two batch axes), on CPUs with AMX tiles a kernel for bf16 operands
@@ -134,19 +134,19 @@ def computed_once(x: jnp.ndarray) -> jnp.ndarray:
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
     """The exact (erf) GELU, evaluated in float32 and returned in x's dtype, as perceiver-io's `nn.GELU()` under
-    autocast. On CPU with bfloat16 x a kernel with its own derivative (`cpu_kernels.gelu`, `gelu_grad`: XLA
-    evaluates float32 erfc and exp at ~0.4 elements per ns); elsewhere, and for float32, XLA's."""
-    if x.dtype == jnp.bfloat16 and cpu_kernels.available():
-        return _bf16_gelu(x)
+    autocast. On CPU with float32 or bfloat16 x a kernel with its own derivative (`cpu_kernels.gelu`, `gelu_grad`:
+    XLA evaluates float32 erfc and exp at ~0.4 elements per ns); elsewhere XLA's."""
+    if x.dtype in (jnp.bfloat16, jnp.float32) and cpu_kernels.available():
+        return _gelu_kernel(x)
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 @jax.custom_vjp
-def _bf16_gelu(x: jnp.ndarray) -> jnp.ndarray:
+def _gelu_kernel(x: jnp.ndarray) -> jnp.ndarray:
     return cpu_kernels.gelu(x)
 
 
-_bf16_gelu.defvjp(lambda x: (cpu_kernels.gelu(x), x), lambda x, g: (cpu_kernels.gelu_grad(x, g.astype(x.dtype)),))
+_gelu_kernel.defvjp(lambda x: (cpu_kernels.gelu(x), x), lambda x, g: (cpu_kernels.gelu_grad(x, g.astype(x.dtype)),))
 
 
 def cross_entropy_gradient(logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray, z_loss_weight: float,

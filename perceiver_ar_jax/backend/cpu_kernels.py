@@ -1,8 +1,8 @@
 """CPU kernels XLA lacks, as XLA FFI custom calls built on first use: a matrix product over packed weights
 (`packed_matmul.cc`, for decoding), a row-major transpose and a copy whose results XLA cannot fold into their
 consumers (`layout.cc`, for training), the cross-entropy of a chunk of logits with its gradient
-(`cross_entropy.cc`, for training), the exact GELU with its derivative (`gelu.cc`, bf16) and attention's batched
-products on AMX tiles (`batched_matmul.cc`, bf16).
+(`cross_entropy.cc`, for training), the exact GELU with its derivative (`gelu.cc`) and attention's batched products
+(`batched_matmul.cc`, bf16 on AMX tiles, float32 on AVX-512).
 
 Why the product: decoding multiplies a few rows by every weight of the model once per token, so a step reads all the
 weights and its speed is the memory bandwidth. XLA:CPU's products read float32 weights at about 80% of the
@@ -31,7 +31,7 @@ where oneDNN reaches 700-1200. The kernel runs them on the AMX tiles, reading an
 through strides (no transposes around them): 2-3x XLA's speed on the bench model's shapes.
 
 Why the GELU: XLA evaluates the float32 erfc of the exact GELU (and exp for its derivative) at ~0.4 elements per
-ns, ~4% of the bf16 bench step; the kernel evaluates erf and exp 16 lanes at a time (`vector_math.h`).
+ns, ~4% of the bench train step in either dtype; the kernel evaluates erf and exp 16 lanes at a time (`vector_math.h`).
 
 The library is compiled with the machine's C++ compiler (`-march=native`, AVX-512) into
 ~/.cache/perceiver_ar_jax/kernels (or $PERCEIVER_AR_KERNEL_DIR) the first time it is needed; `available()` is
@@ -172,13 +172,14 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """The exact GELU of bf16 x, evaluated in float32 and rounded to bf16. Needs `available()`."""
+    """The exact GELU of float32 or bf16 x, evaluated in float32 (and rounded to bf16). Needs `available()`."""
     return jax.ffi.ffi_call("perceiver_ar_gelu", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")(x)
 
 
 def gelu_grad(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-    """g * GELU'(x) for bf16 x and g, evaluated in float32 and rounded to bf16. Needs `available()`."""
+    """g * GELU'(x) for float32 or bf16 x and g (one dtype), evaluated in float32 (and rounded to bf16). Needs
+    `available()`."""
     return jax.ffi.ffi_call("perceiver_ar_gelu_grad", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")(x, g)
 

@@ -1,9 +1,11 @@
-// The exact GELU of bfloat16 activations, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2 evaluated in float32 and rounded
-// to bf16, and its derivative times an incoming bf16 gradient: XLA:CPU evaluates float32 erfc (and, for the
-// derivative, exp) at about 0.4 elements per ns, ~4% of the bf16 bench step; here 16 lanes at a time.
+// The exact GELU of float32 or bfloat16 activations, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2 evaluated in float32
+// (and rounded to bf16), and its derivative times an incoming gradient of the same dtype: XLA:CPU evaluates
+// float32 erfc (and, for the derivative, exp) at about 0.4 elements per ns, ~4% of the bench train step in either
+// dtype; here 16 lanes at a time.
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include "parallel_for.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -25,6 +27,12 @@ inline __m512 cdf(__m512 x) {  // Phi(x)
   return _mm512_fmadd_ps(half, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), half);
 }
 
+// 16 elements (those of the mask) of a float32 or bf16 array, as float32
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load(const uint16_t* p, __mmask16 m) { return load_bf16(p, m); }
+inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store(uint16_t* p, __mmask16 m, __m512 v) { store_bf16(p, m, v); }
+
 // f(i, mask) for the 16-element vectors i = 0, 16, ... of n elements, kItem elements per work item
 template <typename F>
 void each_vector(ffi::ThreadPool& pool, int64_t n, F f) {
@@ -33,31 +41,55 @@ void each_vector(ffi::ThreadPool& pool, int64_t n, F f) {
   });
 }
 
-ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::ResultBuffer<ffi::BF16> y) {
-  const uint16_t* in = reinterpret_cast<const uint16_t*>(x.typed_data());
-  uint16_t* out = reinterpret_cast<uint16_t*>(y->typed_data());
-  each_vector(pool, x.element_count(), [=](int64_t i, __mmask16 m) {
-    const __m512 v = load_bf16(in + i, m);
-    store_bf16(out + i, m, _mm512_mul_ps(v, cdf(v)));
+template <typename T>
+void gelu(ffi::ThreadPool& pool, const T* in, T* out, int64_t n) {
+  each_vector(pool, n, [=](int64_t i, __mmask16 m) {
+    const __m512 v = load(in + i, m);
+    store(out + i, m, _mm512_mul_ps(v, cdf(v)));
   });
-  return ffi::Error::Success();
 }
 
 // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-ffi::Error GeluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> g,
-                    ffi::ResultBuffer<ffi::BF16> dx) {
-  if (g.element_count() != x.element_count())
-    return ffi::Error::InvalidArgument("gelu_grad: x and g of one size expected");
-  const uint16_t* in = reinterpret_cast<const uint16_t*>(x.typed_data());
-  const uint16_t* grad = reinterpret_cast<const uint16_t*>(g.typed_data());
-  uint16_t* out = reinterpret_cast<uint16_t*>(dx->typed_data());
-  each_vector(pool, x.element_count(), [=](int64_t i, __mmask16 m) {
-    const __m512 v = load_bf16(in + i, m);
+template <typename T>
+void gelu_grad(ffi::ThreadPool& pool, const T* in, const T* grad, T* out, int64_t n) {
+  each_vector(pool, n, [=](int64_t i, __mmask16 m) {
+    const __m512 v = load(in + i, m);
     const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f),
                                      exp16(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(v, v))));
     const __m512 slope = _mm512_fmadd_ps(v, pdf, cdf(v));
-    store_bf16(out + i, m, _mm512_mul_ps(load_bf16(grad + i, m), slope));
+    store(out + i, m, _mm512_mul_ps(load(grad + i, m), slope));
   });
+}
+
+template <typename T>
+const T* data(const ffi::AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
+
+// x, g and the result of one dtype, float32 or bf16
+bool float32_or_bf16(ffi::DataType type, std::initializer_list<ffi::DataType> others) {
+  for (ffi::DataType other : others)
+    if (other != type) return false;
+  return type == ffi::DataType::F32 || type == ffi::DataType::BF16;
+}
+
+ffi::Error Gelu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (!float32_or_bf16(x.element_type(), {y->element_type()}) || x.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("gelu: x and y of one shape, float32 or bf16, expected");
+  if (x.element_type() == ffi::DataType::F32)
+    gelu(pool, data<float>(x), static_cast<float*>(y->untyped_data()), x.element_count());
+  else
+    gelu(pool, data<uint16_t>(x), static_cast<uint16_t*>(y->untyped_data()), x.element_count());
+  return ffi::Error::Success();
+}
+
+ffi::Error GeluGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dx) {
+  if (!float32_or_bf16(x.element_type(), {g.element_type(), dx->element_type()}) ||
+      g.element_count() != x.element_count() || dx->element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("gelu_grad: x, g and dx of one shape, float32 or bf16, expected");
+  if (x.element_type() == ffi::DataType::F32)
+    gelu_grad(pool, data<float>(x), data<float>(g), static_cast<float*>(dx->untyped_data()), x.element_count());
+  else
+    gelu_grad(pool, data<uint16_t>(x), data<uint16_t>(g), static_cast<uint16_t*>(dx->untyped_data()),
+              x.element_count());
   return ffi::Error::Success();
 }
 
@@ -66,11 +98,11 @@ ffi::Error GeluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverArGelu, Gelu,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverArGeluGrad, GeluGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
