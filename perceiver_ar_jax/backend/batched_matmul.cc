@@ -1,21 +1,21 @@
 // Attention's products: for every (b1, b2) of two batch axes, C (M, N) = A (M, K) @ B (K, N), float32
 // accumulation, a float32 or bf16 (rounded to nearest even) result. bf16 operands run on the AMX tile units of
-// Intel CPUs (Sapphire Rapids and later), float32 ones on AVX-512 FMAs. Every operand is addressed through element strides, so the products read and write the
-// model's own (batch, n, heads, head_dim) and (batch, heads, queries, keys) layouts, with either axis of A or B
-// the contracted one; only C's columns must be contiguous. M, N and K must be multiples of 32 (the caller uses XLA
-// otherwise).
+// Intel CPUs (Sapphire Rapids and later), float32 ones on AVX-512 FMAs. Every operand is addressed through element
+// strides, so the products read and write the model's own (batch, n, heads, head_dim) and (batch, heads, queries,
+// keys) layouts, with either axis of A or B the contracted one; only C's columns must be contiguous. M, N and K
+// must be multiples of 32 (the caller uses XLA otherwise).
 //
 // Why: XLA:CPU runs these batched products of 64-1024 wide matrices at 230-500 GFLOP/s in bf16 (oneDNN, in torch,
-// at 700-1200 on the same CPU) and 80-120 in float32 (torch: 200-300), and those with a transposed operand (the
-// key and value gradients) at 70-90 in either.
+// at 700-1200 on the same CPU) and 75-200 in float32 (torch: 200-300), those with a transposed operand (the key
+// and value gradients) slowest.
 //
-// Each work item is one (b1, b2): B is packed whole into panels of 16 columns with k-pairs interleaved (the "VNNI"
-// layout TDPBF16PS multiplies), then A 32 rows at a time into 16 x 32 tiles, each a contiguous 1 KB, and the
-// product runs in 32 x 32 blocks of C (four accumulator tiles) over all of K. A whose contracted axis is not
-// contiguous (the transposed operand) is packed through 8 x 8 register transposes. float32 products pack B into
-// panels of 32 columns and read A in place (each k broadcasts one element of each of 8 rows), in 8 x 32 blocks
-// of C held in 16 registers (A stored transposed is copied once per block of 8 rows): 160-410 GFLOP/s on 2
-// cores at the bench and 455M models' shapes, XLA's 75-310.
+// Each work item is one (b1, b2). bf16: B is packed whole into panels of 16 columns with k-pairs interleaved (the
+// "VNNI" layout TDPBF16PS multiplies), then A 32 rows at a time into 16 x 32 tiles, each a contiguous 1 KB, and
+// the product runs in 32 x 32 blocks of C (four accumulator tiles) over all of K. A whose contracted axis is not
+// contiguous (the transposed operand) is packed through 8 x 8 register transposes. float32: B is packed into
+// panels of 32 columns and A read in place (each k broadcasts one element of each of 8 rows; A stored transposed
+// is copied once per block of 8 rows), the product runs in 8 x 32 blocks of C held in 16 registers: 160-410
+// GFLOP/s on 2 cores at the bench and 455M models' shapes, XLA's 75-310.
 //
 // `emulate` runs the same packing with a scalar loop in place of the tile instructions, on any CPU: for tests.
 #include <immintrin.h>
