@@ -135,3 +135,13 @@ def test_attention_and_gradients_through_the_kernel_equal_xla(dtype, masked, mon
         assert got.dtype == want.dtype == dtype
         scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance * scale)
+
+
+@needs_kernels
+def test_not_taken_under_a_mesh_of_several_devices():
+    """XLA's partitioner would gather a custom call's operands onto every device: its einsum there."""
+    x = jnp.zeros((2, 64, 4, 32), jnp.float32)
+    assert backend.batched_product_on_kernel("bqhd,bkhd->bhqk", x, x)
+    devices = jax.devices()
+    with jax.set_mesh(jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))):
+        assert backend.batched_product_on_kernel("bqhd,bkhd->bhqk", x, x) == (len(devices) == 1)

@@ -190,9 +190,16 @@ def batched_product(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype,
 
 
 def batched_product_on_kernel(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> bool:
-    """Whether `batched_product` runs this product on the CPU kernel."""
+    """Whether `batched_product` runs this product on the CPU kernel: not under a mesh of several devices, where
+    XLA's partitioner would gather a custom call's operands onto every device (its einsum it partitions)."""
     return (cpu_kernels.available() and cpu_kernels.batched_matmul_supports(subscripts, a, b)
-            and (a.dtype == jnp.float32 or EMULATE_AMX or cpu_kernels.amx_available()))
+            and (a.dtype == jnp.float32 or EMULATE_AMX or cpu_kernels.amx_available()) and not _partitioned())
+
+
+def _partitioned() -> bool:
+    """Whether the active mesh has a free (not manual) axis of more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(size > 1 for axis, size in mesh.shape.items() if axis not in mesh.manual_axes)
 
 
 def swap_last_axes(x: jnp.ndarray) -> jnp.ndarray:
