@@ -10,9 +10,9 @@ Everything the library tunes for one backend lives here, behind functions whose 
 - `reuse_host_memory`: on CPU, the C heap keeps the memory of a step's buffers for the next step;
 - `computed_once`: a value XLA must not recompute inside each of its consumers (the rotary embedding's cos and sin);
 - `gelu`: the exact GELU (on CPU a kernel: XLA's float32 erfc is ~4% of the train step);
-- `cross_entropy_gradient`: a chunk of logits -> log Z, the labels' logits and the loss's gradient (on CPU in bf16
-  one pass of a kernel over the logits instead of XLA's three);
-- `batched_product`: attention's products (two batch axes), on CPUs with AMX tiles a kernel for bf16 operands
+- `cross_entropy_gradient`: a chunk of logits -> log Z, the labels' logits and the loss's gradient (on CPU one
+  pass of a kernel over the logits instead of XLA's three);
+- `batched_product`: attention's products (two batch axes), on CPU a kernel: float32 on AVX-512, bf16 on AMX tiles
   (XLA:CPU runs them at a third to a half of its speed, and those with a transposed operand slower still).
 
 The weight products are one 2-D matrix product each, with float32 accumulation in every precision. Two things

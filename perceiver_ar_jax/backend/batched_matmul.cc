@@ -43,14 +43,15 @@ namespace {
 #endif
 
 // Element (i, j) of one matrix of a batch is data[i * rows + j * cols] (strides in elements).
+template <typename T>
 struct Matrix {
-  const uint16_t* data;
+  const T* data;
   int64_t rows, cols;
-  uint16_t at(int64_t i, int64_t j) const { return data[i * rows + j * cols]; }
+  T at(int64_t i, int64_t j) const { return data[i * rows + j * cols]; }
 };
 
 // A's rows [m0, m0 + 32) over all K -> [2 halves][K / 32][16 rows][32]
-void pack_a(Matrix a, int64_t K, int64_t m0, uint16_t* out) {
+void pack_a(Matrix<uint16_t> a, int64_t K, int64_t m0, uint16_t* out) {
   auto dst = [&](int64_t m, int64_t k) { return out + (((m / 16) * (K / 32) + k / 32) * 16 + m % 16) * 32 + k % 32; };
   if (a.cols == 1) {  // rows contiguous
     for (int64_t m = 0; m < 32; ++m)
@@ -65,7 +66,7 @@ void pack_a(Matrix a, int64_t K, int64_t m0, uint16_t* out) {
 }
 
 // B (K, N) -> N / 16 panels of [K / 2][16 columns][2]: row kk of a panel holds, per column, b[2kk] and b[2kk + 1]
-void pack_b(Matrix b, int64_t K, int64_t N, uint16_t* out) {
+void pack_b(Matrix<uint16_t> b, int64_t K, int64_t N, uint16_t* out) {
   for (int64_t p = 0; p < N / 16; ++p) {
     uint32_t* o = reinterpret_cast<uint32_t*>(out + p * K * 16);
     if (b.cols == 1) {  // rows contiguous: interleave rows 2kk and 2kk + 1
@@ -168,7 +169,7 @@ struct Dims {
 };
 
 // One (b1, b2) product, on this thread's scratch.
-void product(Matrix a, Matrix b, char* c, int64_t c_rows, size_t c_bytes, Dims d, bool emulate) {
+void product(Matrix<uint16_t> a, Matrix<uint16_t> b, char* c, int64_t c_rows, size_t c_bytes, Dims d, bool emulate) {
   thread_local std::vector<uint16_t> b_packed, a_block;
   thread_local float acc[32 * 32];
   b_packed.resize(d.K * d.N);
@@ -196,32 +197,31 @@ void product(Matrix a, Matrix b, char* c, int64_t c_rows, size_t c_bytes, Dims d
 // ---- float32 operands: AVX-512 FMAs ----
 
 // B (K, N) -> N / 32 panels of [K][32 columns]
-void pack_b_f32(const float* b, int64_t s_k, int64_t s_n, int64_t K, int64_t N, float* out) {
+void pack_b_f32(Matrix<float> b, int64_t K, int64_t N, float* out) {
   for (int64_t p = 0; p < N / 32; ++p) {
     float* o = out + p * K * 32;
-    if (s_n == 1) {
-      for (int64_t k = 0; k < K; ++k) std::memcpy(o + k * 32, b + k * s_k + p * 32, 128);
-    } else if (s_k == 1) {  // columns contiguous: 8 x 8 transposes
+    if (b.cols == 1) {
+      for (int64_t k = 0; k < K; ++k) std::memcpy(o + k * 32, b.data + k * b.rows + p * 32, 128);
+    } else if (b.rows == 1) {  // columns contiguous: 8 x 8 transposes
       for (int64_t n = 0; n < 32; n += 8)
         for (int64_t k = 0; k < K; k += 8)
-          perceiver_ar::block8(reinterpret_cast<const uint32_t*>(b + (p * 32 + n) * s_n + k),
-                               reinterpret_cast<uint32_t*>(o + k * 32 + n), s_n, 32);
+          perceiver_ar::block8(reinterpret_cast<const uint32_t*>(b.data + (p * 32 + n) * b.cols + k),
+                               reinterpret_cast<uint32_t*>(o + k * 32 + n), b.cols, 32);
     } else {
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t n = 0; n < 32; ++n) o[k * 32 + n] = b[k * s_k + (p * 32 + n) * s_n];
+        for (int64_t n = 0; n < 32; ++n) o[k * 32 + n] = b.at(k, p * 32 + n);
     }
   }
 }
 
-// C's 8 x 32 block (rows of stride c_rows) = A's 8 rows (element (i, k) at a[i * s_m + k * s_k], read in place)
-// x one packed B panel
-void block_f32(const float* a, int64_t s_m, int64_t s_k, const float* b, int64_t K, float* c, int64_t c_rows) {
+// C's 8 x 32 block (rows of stride c_rows) = A's first 8 rows, read in place, x one packed B panel
+void block_f32(Matrix<float> a, const float* b, int64_t K, float* c, int64_t c_rows) {
   __m512 acc[8][2];
   for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * 32), b1 = _mm512_loadu_ps(b + k * 32 + 16);
     for (int i = 0; i < 8; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i * s_m + k * s_k]);
+      const __m512 ai = _mm512_set1_ps(a.at(i, k));
       acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
     }
@@ -232,26 +232,29 @@ void block_f32(const float* a, int64_t s_m, int64_t s_k, const float* b, int64_t
   }
 }
 
-void product_f32(const float* a, const int64_t* a_s, const float* b, const int64_t* b_s, float* c, int64_t c_rows,
-                 Dims d) {
+void product_f32(Matrix<float> a, Matrix<float> b, float* c, int64_t c_rows, Dims d) {
   thread_local std::vector<float> b_packed, a_block;
   b_packed.resize(d.K * d.N);
-  pack_b_f32(b, b_s[0], b_s[1], d.K, d.N, b_packed.data());
+  pack_b_f32(b, d.K, d.N, b_packed.data());
   // A stored transposed (each k's 8 rows contiguous, k at a stride of a row of keys: 4 KB at 1024 keys, where
   // every k maps to the same cache sets) is copied once per block of 8 rows rather than read once per panel
-  const bool pack_a = a_s[0] == 1 && a_s[1] != 1;
+  const bool pack_a = a.rows == 1 && a.cols != 1;
   a_block.resize(pack_a ? 8 * d.K : 0);
   for (int64_t m0 = 0; m0 < d.M; m0 += 8) {
-    const float* rows = a + m0 * a_s[0];
-    int64_t s_m = a_s[0], s_k = a_s[1];
+    Matrix<float> rows{a.data + m0 * a.rows, a.rows, a.cols};
     if (pack_a) {
-      for (int64_t k = 0; k < d.K; ++k) std::memcpy(a_block.data() + k * 8, rows + k * s_k, 32);
-      rows = a_block.data();
-      s_k = 8;
+      for (int64_t k = 0; k < d.K; ++k) std::memcpy(a_block.data() + k * 8, rows.data + k * a.cols, 32);
+      rows = {a_block.data(), 1, 8};
     }
     for (int64_t p = 0; p < d.N / 32; ++p)
-      block_f32(rows, s_m, s_k, b_packed.data() + p * d.K * 32, d.K, c + m0 * c_rows + p * 32, c_rows);
+      block_f32(rows, b_packed.data() + p * d.K * 32, d.K, c + m0 * c_rows + p * 32, c_rows);
   }
+}
+
+// Matrix (i1, i2) of a batched operand whose strides are (b1, b2, rows, cols)
+template <typename T>
+Matrix<T> batch_item(const void* data, ffi::Span<const int64_t> strides, int64_t i1, int64_t i2) {
+  return {static_cast<const T*>(data) + i1 * strides[0] + i2 * strides[1], strides[2], strides[3]};
 }
 
 // The largest element offset the strides reach, below the buffer's size.
@@ -286,25 +289,18 @@ ffi::Error BatchedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer 
 #if !HAVE_AMX
   if (!f32 && !emulate) return ffi::Error::InvalidArgument("batched_matmul: built without AMX support");
 #endif
+  const void* a_data = a.untyped_data();
+  const void* b_data = b.untyped_data();
   char* c_data = static_cast<char*>(c->untyped_data());
-  if (f32) {
-    const float* a_data = static_cast<const float*>(a.untyped_data());
-    const float* b_data = static_cast<const float*>(b.untyped_data());
-    perceiver_ar::parallel_for(pool, d.b1 * d.b2, [=](int64_t i) {
-      const int64_t i1 = i / d.b2, i2 = i % d.b2;
-      product_f32(a_data + i1 * a_strides[0] + i2 * a_strides[1], a_strides.begin() + 2,
-                  b_data + i1 * b_strides[0] + i2 * b_strides[1], b_strides.begin() + 2,
-                  reinterpret_cast<float*>(c_data) + i1 * c_strides[0] + i2 * c_strides[1], c_strides[2], d);
-    });
-    return ffi::Error::Success();
-  }
-  const uint16_t* a_data = static_cast<const uint16_t*>(a.untyped_data());
-  const uint16_t* b_data = static_cast<const uint16_t*>(b.untyped_data());
   perceiver_ar::parallel_for(pool, d.b1 * d.b2, [=](int64_t i) {
     const int64_t i1 = i / d.b2, i2 = i % d.b2;
-    Matrix am{a_data + i1 * a_strides[0] + i2 * a_strides[1], a_strides[2], a_strides[3]};
-    Matrix bm{b_data + i1 * b_strides[0] + i2 * b_strides[1], b_strides[2], b_strides[3]};
-    product(am, bm, c_data + (i1 * c_strides[0] + i2 * c_strides[1]) * c_bytes, c_strides[2], c_bytes, d, emulate);
+    char* ci = c_data + (i1 * c_strides[0] + i2 * c_strides[1]) * c_bytes;
+    if (f32)
+      product_f32(batch_item<float>(a_data, a_strides, i1, i2), batch_item<float>(b_data, b_strides, i1, i2),
+                  reinterpret_cast<float*>(ci), c_strides[2], d);
+    else
+      product(batch_item<uint16_t>(a_data, a_strides, i1, i2), batch_item<uint16_t>(b_data, b_strides, i1, i2), ci,
+              c_strides[2], c_bytes, d, emulate);
   });
   return ffi::Error::Success();
 }

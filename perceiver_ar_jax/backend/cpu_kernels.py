@@ -205,14 +205,14 @@ def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, e
     m, = (axis for axis in a_axes if axis not in b_axes)
     n = out[-1]
     k, = (axis for axis in a_axes if axis in b_axes and axis not in out)
-    strides = lambda axes, order: np.array([_row_major_strides(axes, size)[axis] for axis in order], np.int64)  # noqa: E731
     call = jax.ffi.ffi_call("perceiver_ar_batched_matmul",
                             jax.ShapeDtypeStruct(tuple(size[axis] for axis in out), out_dtype),
                             vmap_method="sequential")
     return call(a, b,
                 dims=np.array([size[batch[0]], size[batch[1]], size[m], size[n], size[k]], np.int64),
-                a_strides=strides(a_axes, (*batch, m, k)), b_strides=strides(b_axes, (*batch, k, n)),
-                c_strides=strides(out, (*batch, m, n)), emulate=bool(emulate))
+                a_strides=_element_strides(a_axes, size, (*batch, m, k)),
+                b_strides=_element_strides(b_axes, size, (*batch, k, n)),
+                c_strides=_element_strides(out, size, (*batch, m, n)), emulate=bool(emulate))
 
 
 def batched_matmul_supports(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> bool:
@@ -231,9 +231,10 @@ def batched_matmul_supports(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> 
             and all({**size_a, **size_b}[axis] % 32 == 0 for axis in contracted + free))
 
 
-def _row_major_strides(axes: str, size: dict[str, int]) -> dict[str, int]:
+def _element_strides(axes: str, size: dict[str, int], order) -> np.ndarray:
+    """The row-major element strides of an array with these axes, in `order`."""
     strides, stride = {}, 1
     for axis in reversed(axes):
         strides[axis] = stride
         stride *= size[axis]
-    return strides
+    return np.array([strides[axis] for axis in order], np.int64)
