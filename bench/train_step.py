@@ -206,8 +206,8 @@ def main() -> None:
     parser.add_argument("--remat-policy", default=None, help="rematerialise layers with this policy (default: off)")
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
-                        help="rows of logits the cross-entropy computes at once (default: train_step's, 256, "
-                             "so the bench's 4 x 256 latents are 4 chunks; 0 = all at once)")
+                        help="rows of logits the cross-entropy computes at once (default: train_step's, 1024, "
+                             "so the bench's 4 x 256 latents are one chunk; 0 = all at once)")
     parser.add_argument("--cores", default=None, help="CPU cores of both sides, e.g. 0,1 (default: all allowed)")
     parser.add_argument("--no-reuse-host-memory", action="store_true",
                         help="leave glibc's allocator as it is (every step maps its buffers afresh)")

@@ -1,5 +1,6 @@
 """`backend.batched_product` and its CPU kernel (backend/batched_matmul.cc): attention's products with two batch
-axes, any layout of the axes; float32 operands (AVX-512), and bf16 ones with float32 or bf16 results. bf16 runs
+axes, any layout of the axes; float32 operands (AVX-512; the kernel takes any sizes, the model sends multiples of
+32), and bf16 ones with float32 or bf16 results (sizes multiples of 32). bf16 runs
 on AMX tiles where the CPU has them; `emulate=True` runs the same packing with scalar products on any CPU the
 kernels build on, so every path of the packing is tested everywhere, and the AMX path too where it exists. Dense
 attention's values and gradients through the kernel equal those through XLA's products, in both dtypes."""
@@ -62,6 +63,20 @@ def test_float32_products_equal_einsum(subscripts):
 
 
 @needs_kernels
+@pytest.mark.parametrize("subscripts", ["bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", "bhqk,bqhd->bkhd", "bdqh,bkdh->bhqk"])
+@pytest.mark.parametrize("sizes", [dict(b=1, q=1, k=1, h=1, d=1), dict(b=2, q=13, k=37, h=3, d=9),
+                                   dict(b=1, q=25, k=531, h=2, d=65), dict(b=2, q=700, k=33, h=1, d=300)])
+def test_float32_products_of_any_size(subscripts, sizes):
+    # the blocked float32 path: rows in panels of 12 (short last ones), columns in panels of 32 and blocks of 512
+    # (short last ones), k in chunks of 256 (a short last one), operands that are neither row- nor column-major
+    a_axes, b_axes = subscripts.split("->")[0].split(",")
+    a = jax.random.normal(jax.random.key(0), tuple(sizes[x] for x in a_axes), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), tuple(sizes[x] for x in b_axes), jnp.float32)
+    got = jax.jit(lambda a, b: cpu_kernels.batched_matmul(subscripts, a, b, jnp.float32))(a, b)
+    np.testing.assert_allclose(got, exact(subscripts, a, b), rtol=1e-5, atol=2e-4)
+
+
+@needs_kernels
 @pytest.mark.skipif(len(MODES) < 2, reason="no AMX tiles on this CPU")
 def test_amx_tiles_and_emulation_agree():
     q, k = operand("bqhd", 0), operand("bkhd", 1)
@@ -86,7 +101,7 @@ def test_supported_forms_and_shapes():
     assert cpu_kernels.batched_matmul_supports("bhqk,bkhd->bqhd", p, x)
     assert not cpu_kernels.batched_matmul_supports("bhqk,bkhd->bqdh", p, x)  # C's last axis a batch axis
     assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhq", x, x)  # not 4-D
-    assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x[:, :40], x)  # 40 queries
+    assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x[:, :40], x)  # 40 queries, bf16
     assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x[..., :16], x[..., :16])  # head_dim 16
     assert not cpu_kernels.batched_matmul_supports("bqhd,bqhd->bhqd", x, x)  # nothing contracted
     assert not cpu_kernels.batched_matmul_supports("bqhd,bkhd->bhqk", x, x.astype(jnp.float32))  # mixed dtypes

@@ -193,9 +193,10 @@ def copy(x: jnp.ndarray) -> jnp.ndarray:
 def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, emulate: bool = False) -> jnp.ndarray:
     """einsum(subscripts, a, b) of two 4-D operands with float32 accumulation, in out_dtype (float32, or bfloat16
     rounded once for bf16 operands): two batch axes (in every operand and the result), one free axis each and one
-    contracted axis, in any order; the result's last axis must be a free one. M, N and K multiples of 32
-    (`batched_matmul_supports`). Needs `available()`, and for bf16 operands `amx_available()` or emulate=True (the
-    same packing with scalar products in place of the tiles, on any CPU: for tests)."""
+    contracted axis, in any order; the result's last axis must be a free one. bf16: M, N and K multiples of 32;
+    float32: any sizes (`batched_matmul_supports` asks multiples of 32 of both: what the model sends here).
+    Needs `available()`, and for bf16 operands `amx_available()` or emulate=True (the same packing with scalar
+    products in place of the tiles, on any CPU: for tests)."""
     inputs, out = subscripts.split("->")
     a_axes, b_axes = inputs.split(",")
     if out[-1] in a_axes:  # C's rows contiguous: C^T = B^T A^T
@@ -226,6 +227,8 @@ def batched_matmul_supports(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> 
     batch = [axis for axis in out if axis in a_axes and axis in b_axes]
     contracted = [axis for axis in a_axes if axis in b_axes and axis not in out]
     free = [axis for axis in a_axes if axis not in b_axes] + [axis for axis in b_axes if axis not in a_axes]
+    # float32 products of any size run on the kernel too; the model sends it only these, as for bf16 (products of
+    # a decoding step's single query, say, were not measured on it)
     return (len(batch) == 2 and len(contracted) == 1 and len(free) == 2 and set(out) == {*batch, *free}
             and out[-1] in free and all(size_a[axis] == size_b[axis] for axis in batch + contracted)
             and all({**size_a, **size_b}[axis] % 32 == 0 for axis in contracted + free))
