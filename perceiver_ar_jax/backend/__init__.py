@@ -13,7 +13,9 @@ Everything the library tunes for one backend lives here, behind functions whose 
 - `cross_entropy_gradient`: a chunk of logits -> log Z, the labels' logits and the loss's gradient (on CPU one
   pass of a kernel over the logits instead of XLA's three);
 - `batched_product`: attention's products (two batch axes), on CPU a kernel: float32 on AVX-512, bf16 on AMX tiles
-  (XLA:CPU runs them at a third to a half of its speed, and those with a transposed operand slower still).
+  (XLA:CPU runs them at a third to a half of its speed, and those with a transposed operand slower still);
+- `adamw_update` / `adamw_on_kernel`: AdamW's update of a float32 tensor in one pass (on CPU a kernel; XLA runs
+  optax's as three fusions per tensor).
 
 The weight products are one 2-D matrix product each, with float32 accumulation in every precision. Two things
 make XLA's own lowering of Flax's `Dense` slow on CPU, and this module fixes both without changing what is
@@ -54,7 +56,8 @@ from jax import lax
 
 from perceiver_ar_jax.backend import cpu_kernels
 
-__all__ = ["WEIGHT_FORMATS", "as_precision", "batched_product", "batched_product_on_kernel", "computed_once",
+__all__ = ["WEIGHT_FORMATS", "adamw_on_kernel", "adamw_update", "as_precision", "batched_product",
+           "batched_product_on_kernel", "computed_once",
            "cross_entropy_gradient", "decode_cache_dtype",
            "decode_compiler_options", "dot_general", "enable_compilation_cache", "gelu", "is_prepared", "matmul",
            "prepare_weight", "prepared_matmul", "reuse_host_memory", "swap_last_axes", "tied_output"]
@@ -194,6 +197,22 @@ def batched_product_on_kernel(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -
     XLA's partitioner would gather a custom call's operands onto every device (its einsum it partitions)."""
     return (cpu_kernels.available() and cpu_kernels.batched_matmul_supports(subscripts, a, b)
             and (a.dtype == jnp.float32 or EMULATE_AMX or cpu_kernels.amx_available()) and not _partitioned())
+
+
+def adamw_on_kernel(params) -> bool:
+    """Whether `adamw_update` can take these parameters: float32 tensors, CPU kernels, and not under a mesh of
+    several devices (whose partitioner would gather a custom call's operands, here every parameter and moment, onto
+    every device)."""
+    return (cpu_kernels.available() and not _partitioned()
+            and all(jnp.result_type(p) == jnp.float32 for p in jax.tree.leaves(params)))
+
+
+def adamw_update(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,
+                 b1: float, b2: float, eps: float, weight_decay: float):
+    """One float32 tensor's AdamW update in one pass (`cpu_kernels.adamw`; see `adamw_on_kernel`): (param, mu, nu)
+    -> new (param, mu, nu). scalars: [clip (0 or 1), global gradient norm, max norm, 1 - b1^t, 1 - b2^t, -lr]."""
+    return cpu_kernels.adamw(param, grad.astype(jnp.float32), mu, nu, scalars, b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay)
 
 
 def _partitioned() -> bool:

@@ -57,12 +57,12 @@ import numpy as np
 
 PANEL = 64  # output columns per panel (the kernel's register tile)
 SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc", "cross_entropy.cc",
-                                                          "gelu.cc", "batched_matmul.cc")]
+                                                          "gelu.cc", "batched_matmul.cc", "adamw.cc")]
 HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h", "transpose_block.h")]
 TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_ar_transpose": "PerceiverArTranspose",
            "perceiver_ar_copy": "PerceiverArCopy", "perceiver_ar_cross_entropy": "PerceiverArCrossEntropy",
            "perceiver_ar_gelu": "PerceiverArGelu", "perceiver_ar_gelu_grad": "PerceiverArGeluGrad",
-           "perceiver_ar_batched_matmul": "PerceiverArBatchedMatmul"}
+           "perceiver_ar_batched_matmul": "PerceiverArBatchedMatmul", "perceiver_ar_adamw": "PerceiverArAdamw"}
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,20 @@ def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, e
                 a_strides=_element_strides(a_axes, size, (*batch, m, k)),
                 b_strides=_element_strides(b_axes, size, (*batch, k, n)),
                 c_strides=_element_strides(out, size, (*batch, m, n)), emulate=bool(emulate))
+
+
+def adamw(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,
+          b1: float, b2: float, eps: float, weight_decay: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """AdamW's update of one float32 tensor in one pass (`adamw.cc`): (param, mu, nu) -> their new values, written
+    in place of the inputs where XLA can (they are aliased). scalars: float32 [clip (0 or 1), global gradient norm,
+    max norm, 1 - b1^t, 1 - b2^t, -learning rate]. Needs `available()`."""
+    like = jax.ShapeDtypeStruct(param.shape, jnp.float32)
+    call = jax.ffi.ffi_call("perceiver_ar_adamw", (like, like, like), input_output_aliases={0: 0, 2: 1, 3: 2},
+                            vmap_method="sequential")
+    # the constants as optax has them: Python floats, rounded to float32 where they meet a float32 array
+    return call(param, grad, mu, nu, scalars.astype(jnp.float32), b1=np.float32(b1), one_minus_b1=np.float32(1 - b1),
+                b2=np.float32(b2), one_minus_b2=np.float32(1 - b2), eps=np.float32(eps),
+                weight_decay=np.float32(weight_decay))
 
 
 def batched_matmul_supports(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -> bool:

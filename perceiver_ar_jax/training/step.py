@@ -21,6 +21,7 @@ import optax
 
 from perceiver_ar_jax.model import CausalLanguageModel, output_params
 from perceiver_ar_jax.training.loss import DEFAULT_CHUNK_TOKENS, chunked_token_losses, fused_loss_sums, token_losses
+from perceiver_ar_jax.training.optimizer import apply_gradients
 
 __all__ = ["Batch", "TrainState", "eval_step", "loss_sums", "prefix_len_of", "project_with", "split_microbatches",
            "token_losses", "train_step"]
@@ -130,8 +131,7 @@ def train_step(
         xs = (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches))
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), xs)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = apply_gradients(optimizer, grads, state.opt_state, state.params)
     metrics = {
         "loss": sums["loss_sum"] / num_tokens,
         "z_loss": sums["z_loss_sum"] / num_tokens,
