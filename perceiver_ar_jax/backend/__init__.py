@@ -15,7 +15,9 @@ Everything the library tunes for one backend lives here, behind functions whose 
 - `batched_product`: attention's products (two batch axes), on CPU a kernel: float32 on AVX-512, bf16 on AMX tiles
   (XLA:CPU runs them at a third to a half of its speed, and those with a transposed operand slower still);
 - `adamw_update` / `adamw_on_kernel`: AdamW's update of a float32 tensor in one pass (on CPU a kernel; XLA runs
-  optax's as three fusions per tensor).
+  optax's as three fusions per tensor);
+- `layer_norm` / `layer_norm_on_kernel`: Flax's LayerNorm and its derivative, on CPU a kernel that reads each row
+  once per pass (XLA evaluates them in several fusions and reductions).
 
 The weight products are one 2-D matrix product each, with float32 accumulation in every precision. Two things
 make XLA's own lowering of Flax's `Dense` slow on CPU, and this module fixes both without changing what is
@@ -55,9 +57,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from perceiver_ar_jax.backend import cpu_kernels
+from perceiver_ar_jax.backend.one_pass import adamw_on_kernel, adamw_update, layer_norm, layer_norm_on_kernel
+from perceiver_ar_jax.backend.partitioning import partitioned
 
 __all__ = ["WEIGHT_FORMATS", "adamw_on_kernel", "adamw_update", "as_precision", "batched_product",
-           "batched_product_on_kernel", "computed_once",
+           "batched_product_on_kernel", "computed_once", "layer_norm", "layer_norm_on_kernel",
            "cross_entropy_gradient", "decode_cache_dtype",
            "decode_compiler_options", "dot_general", "enable_compilation_cache", "gelu", "is_prepared", "matmul",
            "prepare_weight", "prepared_matmul", "reuse_host_memory", "swap_last_axes", "tied_output"]
@@ -196,29 +200,7 @@ def batched_product_on_kernel(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -
     """Whether `batched_product` runs this product on the CPU kernel: not under a mesh of several devices, where
     XLA's partitioner would gather a custom call's operands onto every device (its einsum it partitions)."""
     return (cpu_kernels.available() and cpu_kernels.batched_matmul_supports(subscripts, a, b)
-            and (a.dtype == jnp.float32 or EMULATE_AMX or cpu_kernels.amx_available()) and not _partitioned())
-
-
-def adamw_on_kernel(params) -> bool:
-    """Whether `adamw_update` can take these parameters: float32 tensors, CPU kernels, and not under a mesh of
-    several devices (whose partitioner would gather a custom call's operands, here every parameter and moment, onto
-    every device)."""
-    return (cpu_kernels.available() and not _partitioned()
-            and all(jnp.result_type(p) == jnp.float32 for p in jax.tree.leaves(params)))
-
-
-def adamw_update(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,
-                 b1: float, b2: float, eps: float, weight_decay: float):
-    """One float32 tensor's AdamW update in one pass (`cpu_kernels.adamw`; see `adamw_on_kernel`): (param, mu, nu)
-    -> new (param, mu, nu). scalars: [clip (0 or 1), global gradient norm, max norm, 1 - b1^t, 1 - b2^t, -lr]."""
-    return cpu_kernels.adamw(param, grad.astype(jnp.float32), mu, nu, scalars, b1=b1, b2=b2, eps=eps,
-                             weight_decay=weight_decay)
-
-
-def _partitioned() -> bool:
-    """Whether the active mesh has a free (not manual) axis of more than one device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and any(size > 1 for axis, size in mesh.shape.items() if axis not in mesh.manual_axes)
+            and (a.dtype == jnp.float32 or EMULATE_AMX or cpu_kernels.amx_available()) and not partitioned())
 
 
 def swap_last_axes(x: jnp.ndarray) -> jnp.ndarray:

@@ -57,12 +57,16 @@ import numpy as np
 
 PANEL = 64  # output columns per panel (the kernel's register tile)
 SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc", "cross_entropy.cc",
-                                                          "gelu.cc", "batched_matmul.cc", "adamw.cc")]
-HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h", "transpose_block.h")]
+                                                          "gelu.cc", "batched_matmul.cc", "adamw.cc",
+                                                          "layer_norm.cc")]
+HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h", "transpose_block.h",
+                                                          "batched_matmul_f32.h")]
 TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_ar_transpose": "PerceiverArTranspose",
            "perceiver_ar_copy": "PerceiverArCopy", "perceiver_ar_cross_entropy": "PerceiverArCrossEntropy",
            "perceiver_ar_gelu": "PerceiverArGelu", "perceiver_ar_gelu_grad": "PerceiverArGeluGrad",
-           "perceiver_ar_batched_matmul": "PerceiverArBatchedMatmul", "perceiver_ar_adamw": "PerceiverArAdamw"}
+           "perceiver_ar_batched_matmul": "PerceiverArBatchedMatmul", "perceiver_ar_adamw": "PerceiverArAdamw",
+           "perceiver_ar_layer_norm": "PerceiverArLayerNorm",
+           "perceiver_ar_layer_norm_grad": "PerceiverArLayerNormGrad"}
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,31 @@ def batched_matmul(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype, e
                 a_strides=_element_strides(a_axes, size, (*batch, m, k)),
                 b_strides=_element_strides(b_axes, size, (*batch, k, n)),
                 c_strides=_element_strides(out, size, (*batch, m, n)), emulate=bool(emulate))
+
+
+def layer_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float,
+               out_dtype) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """LayerNorm over x's last axis (`layer_norm.cc`): x (..., C) float32 or bf16, scale and bias (C,) ->
+    y (..., C) in out_dtype (float32 or bf16), and the rows' mean and 1 / sqrt(var + eps), (...) float32.
+    Needs `available()`."""
+    rows = x.shape[:-1]
+    call = jax.ffi.ffi_call("perceiver_ar_layer_norm", (jax.ShapeDtypeStruct(x.shape, out_dtype),
+                                                        jax.ShapeDtypeStruct(rows, jnp.float32),
+                                                        jax.ShapeDtypeStruct(rows, jnp.float32)),
+                            vmap_method="sequential")
+    return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32), eps=np.float32(eps))
+
+
+def layer_norm_grad(x: jnp.ndarray, scale: jnp.ndarray, mean: jnp.ndarray, rstd: jnp.ndarray,
+                    dy: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """`layer_norm`'s derivative: x (..., C), scale (C,), the forward's mean and rstd (...), dy (..., C) float32 or
+    bf16 -> dx (x's dtype), d scale and d bias (C,) float32. Needs `available()`."""
+    c = x.shape[-1]
+    call = jax.ffi.ffi_call("perceiver_ar_layer_norm_grad", (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                             jax.ShapeDtypeStruct((c,), jnp.float32),
+                                                             jax.ShapeDtypeStruct((c,), jnp.float32)),
+                            vmap_method="sequential")
+    return call(x, scale.astype(jnp.float32), mean, rstd, dy)
 
 
 def adamw(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,

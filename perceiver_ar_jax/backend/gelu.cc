@@ -16,8 +16,8 @@ namespace {
 
 using perceiver_ar::erf16;
 using perceiver_ar::exp16;
-using perceiver_ar::load_bf16;
-using perceiver_ar::store_bf16;
+using perceiver_ar::load;
+using perceiver_ar::store;
 using perceiver_ar::tail_mask;
 
 constexpr int64_t kItem = 16384;  // elements per work item
@@ -26,12 +26,6 @@ inline __m512 cdf(__m512 x) {  // Phi(x)
   const __m512 half = _mm512_set1_ps(0.5f);
   return _mm512_fmadd_ps(half, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), half);
 }
-
-// 16 elements (those of the mask) of a float32 or bf16 array, as float32
-inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load(const uint16_t* p, __mmask16 m) { return load_bf16(p, m); }
-inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store(uint16_t* p, __mmask16 m, __m512 v) { store_bf16(p, m, v); }
 
 // f(i, mask) for the 16-element vectors i = 0, 16, ... of n elements, kItem elements per work item
 template <typename F>

@@ -59,4 +59,10 @@ inline __m256i to_bf16(__m512 v) {
 }
 inline void store_bf16(uint16_t* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
 
+// 16 elements (those of the mask) of a float32 or bf16 (uint16_t) array, as float32
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load(const uint16_t* p, __mmask16 m) { return load_bf16(p, m); }
+inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store(uint16_t* p, __mmask16 m, __m512 v) { store_bf16(p, m, v); }
+
 }  // namespace perceiver_ar

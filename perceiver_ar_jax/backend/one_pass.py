@@ -1,0 +1,67 @@
+"""Training's memory-bound steps in one pass over their data, on CPU kernels: AdamW's update of a tensor
+(`adamw.cc`; XLA runs optax's as three fusions per tensor that read the gradient three times) and LayerNorm with its
+derivative (`layer_norm.cc`; XLA evaluates them in several fusions and reductions over the rows). The callers ask
+`*_on_kernel` first and take their XLA path otherwise (not CPU, no kernels, or under a mesh of several devices).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from perceiver_ar_jax.backend import cpu_kernels
+from perceiver_ar_jax.backend.partitioning import partitioned
+
+__all__ = ["adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel"]
+
+
+def adamw_on_kernel(params) -> bool:
+    """Whether `adamw_update` can take these parameters: float32 tensors, CPU kernels, and not under a mesh of
+    several devices (whose partitioner would gather a custom call's operands, here every parameter and moment, onto
+    every device)."""
+    return (cpu_kernels.available() and not partitioned()
+            and all(jnp.result_type(p) == jnp.float32 for p in jax.tree.leaves(params)))
+
+
+def adamw_update(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,
+                 b1: float, b2: float, eps: float, weight_decay: float):
+    """One float32 tensor's AdamW update in one pass (`cpu_kernels.adamw`; see `adamw_on_kernel`): (param, mu, nu)
+    -> new (param, mu, nu). scalars: [clip (0 or 1), global gradient norm, max norm, 1 - b1^t, 1 - b2^t, -lr]."""
+    return cpu_kernels.adamw(param, grad.astype(jnp.float32), mu, nu, scalars, b1=b1, b2=b2, eps=eps,
+                             weight_decay=weight_decay)
+
+
+def layer_norm_on_kernel(x: jnp.ndarray, out_dtype) -> bool:
+    """Whether `layer_norm` takes x on the CPU kernel (float32 or bf16 in and out; not under a mesh of several
+    devices, whose partitioner would gather the custom call's operands onto every device)."""
+    dtypes = (jnp.float32, jnp.bfloat16)
+    return (cpu_kernels.available() and not partitioned() and x.ndim >= 1 and x.size > 0
+            and x.dtype in dtypes and jnp.dtype(out_dtype) in dtypes)
+
+
+def layer_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float, out_dtype) -> jnp.ndarray:
+    """LayerNorm over x's last axis as Flax's `nn.LayerNorm(epsilon, use_fast_variance=False, dtype=out_dtype)`
+    computes it (statistics in float32, two-pass variance), on the CPU kernel with its own derivative (see
+    `layer_norm_on_kernel`; the caller takes Flax's module elsewhere). Results equal Flax's to float32 rounding."""
+    return _layer_norm(x, scale, bias, float(epsilon), jnp.dtype(out_dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, epsilon, out_dtype):
+    return cpu_kernels.layer_norm(x, scale, bias, epsilon, out_dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, out_dtype):
+    y, mean, rstd = cpu_kernels.layer_norm(x, scale, bias, epsilon, out_dtype)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, out_dtype, residuals, dy):
+    x, scale, bias, mean, rstd = residuals
+    dx, d_scale, d_bias = cpu_kernels.layer_norm_grad(x, scale, mean, rstd, dy.astype(out_dtype))
+    return dx, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

@@ -1,0 +1,12 @@
+"""Whether the kernels of this folder may run: XLA's partitioner would gather a custom call's operands onto every
+device of a mesh, so under a mesh of several devices the callers take XLA's own operations."""
+
+from __future__ import annotations
+
+import jax
+
+
+def partitioned() -> bool:
+    """Whether the active mesh (`jax.set_mesh`) has a free (not manual) axis of more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(size > 1 for axis, size in mesh.shape.items() if axis not in mesh.manual_axes)
