@@ -42,7 +42,7 @@ def optax_update(optimizer, grads, state, params):
 def test_one_pass_update_equals_optax(max_grad_norm, weight_decay):
     optimizer = make(max_grad_norm, weight_decay)
     params, grads = params_and_grads(0)
-    fused = jax.jit(lambda g, s, p: optim.apply_gradients(optimizer, g, s, p))
+    fused = jax.jit(lambda g, s, p: optim.apply_gradients(optimizer, g, s, p)[:2])
     reference = jax.jit(lambda g, s, p: optax_update(optimizer, g, s, p))
     assert "perceiver_ar_adamw" in fused.lower(grads[0], optimizer.init(params), params).as_text()
     got, want = (params, optimizer.init(params)), (params, optimizer.init(params))
@@ -64,7 +64,7 @@ def test_updates_in_place_of_donated_buffers():
     optimizer = make()
     params, grads = params_and_grads(1)
     state = optimizer.init(params)
-    step = jax.jit(lambda p, s, g: optim.apply_gradients(optimizer, g, s, p), donate_argnums=(0, 1))
+    step = jax.jit(lambda p, s, g: optim.apply_gradients(optimizer, g, s, p)[:2], donate_argnums=(0, 1))
     calls = [line for line in step.lower(params, state, grads[0]).compile().as_text().splitlines()
              if "perceiver_ar_adamw" in line and "custom-call(" in line]
     assert len(calls) == 3 and all("output_to_operand_aliasing" in line for line in calls)  # one per tensor
@@ -72,11 +72,23 @@ def test_updates_in_place_of_donated_buffers():
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(new_params))
 
 
+@needs_kernels
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
+def test_norms_from_the_same_pass(max_grad_norm):
+    optimizer = make(max_grad_norm)
+    params, grads = params_and_grads(4)
+    new_params, _, norms = jax.jit(lambda g, s, p: optim.apply_gradients(optimizer, g, s, p))(
+        grads[0], optimizer.init(params), params)
+    np.testing.assert_allclose(norms["grad_norm"], optax.tree.norm(grads[0]), rtol=1e-5)  # before clipping
+    np.testing.assert_allclose(norms["param_norm"], optax.tree.norm(new_params), rtol=1e-5)
+
+
 def test_other_transformations_go_through_optax():
     params, grads = params_and_grads(2)
     sgd = optax.sgd(0.1)
-    new_params, _ = optim.apply_gradients(sgd, grads[0], sgd.init(params), params)
+    new_params, _, norms = optim.apply_gradients(sgd, grads[0], sgd.init(params), params)
     np.testing.assert_allclose(new_params["w"], params["w"] - 0.1 * grads[0]["w"], rtol=1e-6)
+    np.testing.assert_allclose(norms["param_norm"], optax.tree.norm(new_params), rtol=1e-6)
 
 
 @needs_kernels

@@ -57,8 +57,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from perceiver_ar_jax.backend import cpu_kernels
+from perceiver_ar_jax.backend.mesh_guard import partitioned
 from perceiver_ar_jax.backend.one_pass import adamw_on_kernel, adamw_update, layer_norm, layer_norm_on_kernel
-from perceiver_ar_jax.backend.partitioning import partitioned
 
 __all__ = ["WEIGHT_FORMATS", "adamw_on_kernel", "adamw_update", "as_precision", "batched_product",
            "batched_product_on_kernel", "computed_once", "layer_norm", "layer_norm_on_kernel",

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from perceiver_ar_jax.backend import cpu_kernels
-from perceiver_ar_jax.backend.partitioning import partitioned
+from perceiver_ar_jax.backend.mesh_guard import partitioned
 
 __all__ = ["adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel"]
 
@@ -28,7 +28,8 @@ def adamw_on_kernel(params) -> bool:
 def adamw_update(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,
                  b1: float, b2: float, eps: float, weight_decay: float):
     """One float32 tensor's AdamW update in one pass (`cpu_kernels.adamw`; see `adamw_on_kernel`): (param, mu, nu)
-    -> new (param, mu, nu). scalars: [clip (0 or 1), global gradient norm, max norm, 1 - b1^t, 1 - b2^t, -lr]."""
+    -> new (param, mu, nu) and [sum of grad^2 (before clipping), sum of new param^2]. scalars: [clip (0 or 1),
+    global gradient norm, max norm, 1 - b1^t, 1 - b2^t, -lr]."""
     return cpu_kernels.adamw(param, grad.astype(jnp.float32), mu, nu, scalars, b1=b1, b2=b2, eps=eps,
                              weight_decay=weight_decay)
 

@@ -106,15 +106,17 @@ def make_optimizer(config) -> Optimizer:
 
 
 def apply_gradients(optimizer: optax.GradientTransformation, grads: Any, opt_state: Any,
-                    params: Any) -> tuple[Any, Any]:
-    """(new params, new optimizer state) after one update. An `Optimizer` of float32 parameters on CPU makes it in
-    one pass of `backend.adamw_update` per tensor, with optax's arithmetic and state; any other transformation (or
+                    params: Any) -> tuple[Any, Any, dict[str, jnp.ndarray]]:
+    """(new params, new optimizer state, {"grad_norm": global norm of grads, "param_norm": of the new params}) after
+    one update. An `Optimizer` of float32 parameters on CPU makes it in one pass of `backend.adamw_update` per
+    tensor, with optax's arithmetic and state (and the norms from the same pass); any other transformation (or
     under a mesh of several devices) through optax."""
     hyperparameters = getattr(optimizer, "hyperparameters", None)
     if isinstance(hyperparameters, AdamWHyperparameters) and backend.adamw_on_kernel(params):
         return _adamw_in_one_pass(hyperparameters, grads, opt_state, params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
 
 
 def _adamw_in_one_pass(h: AdamWHyperparameters, grads, opt_state, params):
@@ -132,7 +134,9 @@ def _adamw_in_one_pass(h: AdamWHyperparameters, grads, opt_state, params):
                                                                weight_decay=h.weight_decay),
                        params, grads, adam.mu, adam.nu)
     outer = jax.tree.structure(params)
-    new_params, mu, nu = jax.tree.transpose(outer, jax.tree.structure((0, 0, 0)), new)
+    new_params, mu, nu, squares = jax.tree.transpose(outer, jax.tree.structure((0, 0, 0, 0)), new)
     adam = adam._replace(count=count, mu=mu, nu=nu)
     schedule_state = schedule_state._replace(count=optax.safe_increment(schedule_state.count))
-    return new_params, (clip_state, (adam, decay_state, schedule_state))
+    squares = sum(jax.tree.leaves(squares))
+    norms = {"grad_norm": jnp.sqrt(squares[0]), "param_norm": jnp.sqrt(squares[1])}
+    return new_params, (clip_state, (adam, decay_state, schedule_state)), norms

@@ -131,13 +131,13 @@ def train_step(
         xs = (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches))
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), xs)
 
-    params, opt_state = apply_gradients(optimizer, grads, state.opt_state, state.params)
+    params, opt_state, norms = apply_gradients(optimizer, grads, state.opt_state, state.params)
     metrics = {
         "loss": sums["loss_sum"] / num_tokens,
         "z_loss": sums["z_loss_sum"] / num_tokens,
         "num_tokens": sums["num_tokens"],
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),  # also tells whether the new parameters are still finite
+        "grad_norm": norms["grad_norm"],
+        "param_norm": norms["param_norm"],  # also tells whether the new parameters are still finite
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
