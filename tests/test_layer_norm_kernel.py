@@ -62,3 +62,22 @@ def test_vmap_and_flax_module_under_a_mesh_of_several_devices():
     devices = jax.devices()
     with jax.set_mesh(jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))):
         assert backend.layer_norm_on_kernel(x, jnp.float32) == (len(devices) == 1)
+
+
+@needs_kernels
+def test_flax_module_inside_shard_map_over_several_devices():
+    """Inside shard_map the custom VJP's gradients would have to carry the manual axes x varies over: Flax's."""
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("one device")
+    seen = []
+
+    def local(x):
+        seen.append(backend.layer_norm_on_kernel(x, jnp.float32))
+        return x
+
+    mesh = jax.make_mesh((len(devices),), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        spec = jax.sharding.PartitionSpec("context")
+        jax.shard_map(local, in_specs=spec, out_specs=spec)(jnp.zeros((len(devices), 64)))
+    assert seen == [False]

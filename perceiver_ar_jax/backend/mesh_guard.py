@@ -10,3 +10,10 @@ def partitioned() -> bool:
     """Whether the active mesh (`jax.set_mesh`) has a free (not manual) axis of more than one device."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and any(size > 1 for axis, size in mesh.shape.items() if axis not in mesh.manual_axes)
+
+
+def several_devices() -> bool:
+    """Whether the active mesh has any axis of more than one device, free or manual (inside `shard_map`, where a
+    custom VJP's outputs would also have to carry the manual axes its inputs vary over)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(size > 1 for size in mesh.shape.values())

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from perceiver_ar_jax.backend import cpu_kernels
-from perceiver_ar_jax.backend.mesh_guard import partitioned
+from perceiver_ar_jax.backend.mesh_guard import several_devices
 
 __all__ = ["adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel"]
 
@@ -21,7 +21,7 @@ def adamw_on_kernel(params) -> bool:
     """Whether `adamw_update` can take these parameters: float32 tensors, CPU kernels, and not under a mesh of
     several devices (whose partitioner would gather a custom call's operands, here every parameter and moment, onto
     every device)."""
-    return (cpu_kernels.available() and not partitioned()
+    return (cpu_kernels.available() and not several_devices()
             and all(jnp.result_type(p) == jnp.float32 for p in jax.tree.leaves(params)))
 
 
@@ -36,9 +36,10 @@ def adamw_update(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp
 
 def layer_norm_on_kernel(x: jnp.ndarray, out_dtype) -> bool:
     """Whether `layer_norm` takes x on the CPU kernel (float32 or bf16 in and out; not under a mesh of several
-    devices, whose partitioner would gather the custom call's operands onto every device)."""
+    devices, whose partitioner would gather the custom call's operands onto every device, nor inside a
+    `shard_map` over several)."""
     dtypes = (jnp.float32, jnp.bfloat16)
-    return (cpu_kernels.available() and not partitioned() and x.ndim >= 1 and x.size > 0
+    return (cpu_kernels.available() and not several_devices() and x.ndim >= 1 and x.size > 0
             and x.dtype in dtypes and jnp.dtype(out_dtype) in dtypes)
 
 
