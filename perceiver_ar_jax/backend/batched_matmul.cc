@@ -46,7 +46,6 @@ using perceiver_ar::block_product_f32;
 #define AMX
 #endif
 
-
 // A's rows [m0, m0 + 32) over all K -> [2 halves][K / 32][16 rows][32]
 void pack_a(Matrix<uint16_t> a, int64_t K, int64_t m0, uint16_t* out) {
   auto dst = [&](int64_t m, int64_t k) { return out + (((m / 16) * (K / 32) + k / 32) * 16 + m % 16) * 32 + k % 32; };
@@ -160,7 +159,6 @@ void store(const float* acc, void* c, int64_t rows, bool bf16) {
       else _mm512_storeu_ps(static_cast<float*>(c) + i * rows + j, v);
     }
 }
-
 
 // One (b1, b2) product, on this thread's scratch.
 void product(Matrix<uint16_t> a, Matrix<uint16_t> b, char* c, int64_t c_rows, size_t c_bytes, Dims d, bool emulate) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 #include "transpose_block.h"
+#include "vector_math.h"
 
 namespace perceiver_ar {
 
@@ -62,7 +63,7 @@ inline void pack_b_f32(Matrix<float> b, int64_t n0, int64_t cols, int64_t k0, in
     float* o = out + p * kc * 32;
     const int64_t j0 = n0 + p * 32, width = std::min<int64_t>(32, cols - p * 32);
     if (b.cols == 1) {
-      const __mmask16 lo = width >= 16 ? 0xFFFF : (1u << width) - 1, hi = width <= 16 ? 0 : (1u << (width - 16)) - 1;
+      const __mmask16 lo = tail_mask(width), hi = width > 16 ? tail_mask(width - 16) : 0;
       for (int64_t k = 0; k < kc; ++k) {
         const float* row = b.data + (k0 + k) * b.rows + j0;
         _mm512_storeu_ps(o + k * 32, _mm512_maskz_loadu_ps(lo, row));
@@ -82,8 +83,8 @@ inline void pack_b_f32(Matrix<float> b, int64_t n0, int64_t cols, int64_t k0, in
 
 // C's block of `rows` x `cols` (<= 12 x 32; rows of stride c_rows) = (or +=, accumulate) a packed A panel x a
 // packed B panel over kc k
-inline void block_f32(const float* a, const float* b, int64_t kc, float* c, int64_t c_rows, int64_t rows, int64_t cols,
-               bool accumulate) {
+inline void block_f32(const float* a, const float* b, int64_t kc, float* c, int64_t c_rows, int64_t rows,
+                      int64_t cols, bool accumulate) {
   __m512 acc[12][2];
   for (int i = 0; i < 12; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
@@ -94,8 +95,7 @@ inline void block_f32(const float* a, const float* b, int64_t kc, float* c, int6
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
     }
   }
-  const __mmask16 lo = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
-  const __mmask16 hi = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
+  const __mmask16 lo = tail_mask(cols), hi = cols > 16 ? tail_mask(cols - 16) : 0;
   for (int i = 0; i < rows; ++i) {
     float* ci = c + i * c_rows;
     if (accumulate) {
@@ -124,7 +124,7 @@ struct BlocksF32 {
 
 // Block (mb, nb) of one matrix of C, on this thread's scratch
 inline void block_product_f32(Matrix<float> a, Matrix<float> b, float* c, int64_t c_rows, const Dims& d,
-                       const BlocksF32& blocks, int64_t mb, int64_t nb) {
+                              const BlocksF32& blocks, int64_t mb, int64_t nb) {
   thread_local std::vector<float> a_packed, b_packed;
   a_packed.resize(blocks.panels * 12 * kF32Chunk);
   b_packed.resize(kF32Columns * kF32Chunk);

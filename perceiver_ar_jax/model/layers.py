@@ -31,7 +31,8 @@ KeysValues = tuple[jnp.ndarray, jnp.ndarray]  # rotated keys and values, each (b
 
 class LayerNorm(nn.LayerNorm):
     """Flax's LayerNorm (its parameters, its results to float32 rounding); on CPU through `backend.layer_norm`'s
-    kernel, which XLA:CPU's several fusions per norm and its derivative make worth ~2-4% of the train step."""
+    kernel (XLA:CPU evaluates a norm and its derivative in several fusions: the kernel made the bench train step
+    ~4% faster in fp32, ~6% in bf16)."""
 
     @nn.compact
     def __call__(self, x, *, mask=None):

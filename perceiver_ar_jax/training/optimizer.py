@@ -8,7 +8,7 @@ applied to every parameter, torch's default).
 `make_optimizer` returns optax's transformation (its state is optax's, checkpoints hold it) together with its
 hyperparameters; `apply_gradients` makes the step's update through it, or on CPU through a kernel that does the
 same arithmetic in one pass over each tensor (`backend.adamw_update`): XLA:CPU runs optax's update as three fusions
-per tensor, ~8% of the bench train step.
+per tensor, and AdamW cost the bench train step ~8% more than plain SGD.
 """
 
 from __future__ import annotations
