@@ -68,7 +68,8 @@ def test_float32_products_equal_einsum(subscripts):
                                    dict(b=1, q=25, k=531, h=2, d=65), dict(b=2, q=700, k=33, h=1, d=300)])
 def test_float32_products_of_any_size(subscripts, sizes):
     # the blocked float32 path: rows in panels of 12 (short last ones), columns in panels of 32 and blocks of 512
-    # (short last ones), k in chunks of 256 (a short last one), operands that are neither row- nor column-major
+    # (short last ones), k in chunks of 256 (a short last one), operands that are neither row- nor column-major;
+    # A's full panels read in place (rows contiguous, or columns k <= 512 apart: k = 33, 37) or packed (531 apart)
     a_axes, b_axes = subscripts.split("->")[0].split(",")
     a = jax.random.normal(jax.random.key(0), tuple(sizes[x] for x in a_axes), jnp.float32)
     b = jax.random.normal(jax.random.key(1), tuple(sizes[x] for x in b_axes), jnp.float32)

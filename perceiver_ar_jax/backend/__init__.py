@@ -58,13 +58,21 @@ from jax import lax
 
 from perceiver_ar_jax.backend import cpu_kernels
 from perceiver_ar_jax.backend.mesh_guard import partitioned
-from perceiver_ar_jax.backend.one_pass import adamw_on_kernel, adamw_update, layer_norm, layer_norm_on_kernel
+from perceiver_ar_jax.backend.one_pass import (
+    adamw_on_kernel,
+    adamw_update,
+    layer_norm,
+    layer_norm_on_kernel,
+    masked_softmax,
+    masked_softmax_grad,
+)
 
 __all__ = ["WEIGHT_FORMATS", "adamw_on_kernel", "adamw_update", "as_precision", "batched_product",
            "batched_product_on_kernel", "computed_once", "layer_norm", "layer_norm_on_kernel",
            "cross_entropy_gradient", "decode_cache_dtype",
-           "decode_compiler_options", "dot_general", "enable_compilation_cache", "gelu", "is_prepared", "matmul",
-           "prepare_weight", "prepared_matmul", "reuse_host_memory", "swap_last_axes", "tied_output"]
+           "decode_compiler_options", "dot_general", "enable_compilation_cache", "gelu", "is_prepared",
+           "masked_softmax", "masked_softmax_grad", "matmul", "prepare_weight", "prepared_matmul",
+           "reuse_host_memory", "swap_last_axes", "tied_output"]
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")  # how decoding may store the weight matrices
 

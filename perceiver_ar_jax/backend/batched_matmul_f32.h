@@ -28,7 +28,7 @@ struct Dims {
 // (each k's 32 contiguous); then each A panel (12 KB, stays in L1) meets every B panel (read from L2) in a 12 x 32
 // block of C held in 24 registers, which keeps both FMA ports ~97% busy (~20% more than 8 x 32 blocks). Packed,
 // every layout of A and B runs at the same speed.
-constexpr int64_t kF32Chunk = 256, kF32Panels = 32, kF32Columns = 512;
+constexpr int64_t kF32Chunk = 256, kF32Panels = 32, kF32Columns = 512, kF32InPlaceStride = 512;
 
 // A's rows [m0, m0 + rows) (rows <= 12, zeros below), k in [k0, k0 + kc) -> out[k][12]
 inline void pack_a_f32(Matrix<float> a, int64_t m0, int64_t rows, int64_t k0, int64_t kc, float* out) {
@@ -81,16 +81,19 @@ inline void pack_b_f32(Matrix<float> b, int64_t n0, int64_t cols, int64_t k0, in
   }
 }
 
-// C's block of `rows` x `cols` (<= 12 x 32; rows of stride c_rows) = (or +=, accumulate) a packed A panel x a
-// packed B panel over kc k
-inline void block_f32(const float* a, const float* b, int64_t kc, float* c, int64_t c_rows, int64_t rows,
-                      int64_t cols, bool accumulate) {
+// C's block of `rows` x `cols` (<= 12 x 32; rows of stride c_rows) = (or +=, accumulate) an A panel x a packed B
+// panel over kc k. The panel's element (row i, k) is a[k * a_stride + i] (packed: a_stride 12; or A itself where
+// its rows are contiguous, e.g. the scores transposed) or, kRowMajor, a[i * a_stride + k] (A itself, row-major):
+// read in place where packing would cost a pass over A for few B panels. Same FMAs in the same order either way.
+template <bool kRowMajor = false>
+inline void block_f32(const float* a, int64_t a_stride, const float* b, int64_t kc, float* c, int64_t c_rows,
+                      int64_t rows, int64_t cols, bool accumulate) {
   __m512 acc[12][2];
   for (int i = 0; i < 12; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * 32), b1 = _mm512_loadu_ps(b + k * 32 + 16);
     for (int i = 0; i < 12; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[k * 12 + i]);
+      const __m512 ai = _mm512_set1_ps(kRowMajor ? a[i * a_stride + k] : a[k * a_stride + i]);
       acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
     }
@@ -122,7 +125,10 @@ struct BlocksF32 {
   }
 };
 
-// Block (mb, nb) of one matrix of C, on this thread's scratch
+// Block (mb, nb) of one matrix of C, on this thread's scratch. A's full panels are read in place when its rows are
+// contiguous, or its columns with k a short stride apart (packing was ~30% of the time of attention's products
+// with 64 columns: those ran 10-20% faster); a short last panel is packed (zeros below), and so are columns k
+// 4 KB apart, each k on another page (in place, the scores' transposes over 1024 keys ran 10-40% slower).
 inline void block_product_f32(Matrix<float> a, Matrix<float> b, float* c, int64_t c_rows, const Dims& d,
                               const BlocksF32& blocks, int64_t mb, int64_t nb) {
   thread_local std::vector<float> a_packed, b_packed;
@@ -130,15 +136,32 @@ inline void block_product_f32(Matrix<float> a, Matrix<float> b, float* c, int64_
   b_packed.resize(kF32Columns * kF32Chunk);
   const int64_t m0 = mb * blocks.panels * 12, m1 = std::min(d.M, m0 + blocks.panels * 12);
   const int64_t n0 = nb * kF32Columns, cols = std::min(kF32Columns, d.N - n0);
+  const bool columns_contiguous = a.rows == 1 && a.cols <= kF32InPlaceStride,
+             rows_contiguous = a.rows != 1 && a.cols == 1;
   for (int64_t k0 = 0; k0 < d.K; k0 += kF32Chunk) {
     const int64_t kc = std::min(kF32Chunk, d.K - k0);
     pack_b_f32(b, n0, cols, k0, kc, b_packed.data());
-    for (int64_t m = m0; m < m1; m += 12)
-      pack_a_f32(a, m, std::min<int64_t>(12, m1 - m), k0, kc, a_packed.data() + (m - m0) * kc);
-    for (int64_t m = m0; m < m1; m += 12)
-      for (int64_t p = 0; p * 32 < cols; ++p)
-        block_f32(a_packed.data() + (m - m0) * kc, b_packed.data() + p * kc * 32, kc, c + m * c_rows + n0 + p * 32,
-                  c_rows, std::min<int64_t>(12, m1 - m), std::min<int64_t>(32, cols - p * 32), k0 > 0);
+    for (int64_t m = m0; m < m1; m += 12) {
+      const int64_t rows = std::min<int64_t>(12, m1 - m);
+      float* packed = a_packed.data() + (m - m0) * kc;
+      if (rows == 12 && (columns_contiguous || rows_contiguous)) continue;
+      pack_a_f32(a, m, rows, k0, kc, packed);
+    }
+    for (int64_t m = m0; m < m1; m += 12) {
+      const int64_t rows = std::min<int64_t>(12, m1 - m);
+      const float* packed = a_packed.data() + (m - m0) * kc;
+      for (int64_t p = 0; p * 32 < cols; ++p) {
+        const float* bp = b_packed.data() + p * kc * 32;
+        float* cp = c + m * c_rows + n0 + p * 32;
+        const int64_t width = std::min<int64_t>(32, cols - p * 32);
+        if (rows == 12 && columns_contiguous)
+          block_f32(a.data + m + k0 * a.cols, a.cols, bp, kc, cp, c_rows, rows, width, k0 > 0);
+        else if (rows == 12 && rows_contiguous)
+          block_f32<true>(a.data + m * a.rows + k0, a.rows, bp, kc, cp, c_rows, rows, width, k0 > 0);
+        else
+          block_f32(packed, 12, bp, kc, cp, c_rows, rows, width, k0 > 0);
+      }
+    }
   }
 }
 

@@ -3,7 +3,8 @@
 consumers (`layout.cc`, for training), the cross-entropy of a chunk of logits with its gradient
 (`cross_entropy.cc`, for training), the exact GELU with its derivative (`gelu.cc`), attention's batched products
 (`batched_matmul.cc`, bf16 on AMX tiles, float32 on AVX-512: `batched_matmul_f32.h`), AdamW's update of a tensor
-(`adamw.cc`) and LayerNorm with its derivative (`layer_norm.cc`).
+(`adamw.cc`), LayerNorm with its derivative (`layer_norm.cc`) and attention's masked softmax with its derivative
+(`softmax.cc`).
 
 Why the product: decoding multiplies a few rows by every weight of the model once per token, so a step reads all the
 weights and its speed is the memory bandwidth. XLA:CPU's products read float32 weights at about 80% of the
@@ -38,7 +39,9 @@ Why AdamW and LayerNorm (`adamw.cc`, `layer_norm.cc`, called through `one_pass.p
 XLA evaluates optax's AdamW as three fusions per tensor (the gradient read three times, the new moments read back)
 and a LayerNorm with its derivative as several fusions and reductions that each read the rows again; the kernels
 read and write each element once per pass. Paired bench train steps: AdamW ~3% (fp32) / ~5% (bf16) faster,
-LayerNorm ~4% / ~6%.
+LayerNorm ~4% / ~6%. Attention's masked softmax and its derivative (`softmax.cc`, also through `one_pass.py`) the
+same way: XLA read the (batch, heads, queries, keys) scores or their gradient two to four times in several fusions;
+the kernel reads each row once (then from L1) and writes it once: ~4% (fp32) / ~5-6% (bf16) of the step.
 
 The library is compiled with the machine's C++ compiler (`-march=native`, AVX-512) into
 ~/.cache/perceiver_ar_jax/kernels (or $PERCEIVER_AR_KERNEL_DIR) the first time it is needed; `available()` is
@@ -65,7 +68,7 @@ import numpy as np
 PANEL = 64  # output columns per panel (the kernel's register tile)
 SOURCES = [Path(__file__).with_name(name) for name in ("packed_matmul.cc", "layout.cc", "cross_entropy.cc",
                                                           "gelu.cc", "batched_matmul.cc", "adamw.cc",
-                                                          "layer_norm.cc")]
+                                                          "layer_norm.cc", "softmax.cc")]
 HEADERS = [Path(__file__).with_name(name) for name in ("parallel_for.h", "vector_math.h", "transpose_block.h",
                                                           "batched_matmul_f32.h")]
 TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_ar_transpose": "PerceiverArTranspose",
@@ -73,7 +76,9 @@ TARGETS = {"perceiver_ar_packed_matmul": "PerceiverArPackedMatmul", "perceiver_a
            "perceiver_ar_gelu": "PerceiverArGelu", "perceiver_ar_gelu_grad": "PerceiverArGeluGrad",
            "perceiver_ar_batched_matmul": "PerceiverArBatchedMatmul", "perceiver_ar_adamw": "PerceiverArAdamw",
            "perceiver_ar_layer_norm": "PerceiverArLayerNorm",
-           "perceiver_ar_layer_norm_grad": "PerceiverArLayerNormGrad"}
+           "perceiver_ar_layer_norm_grad": "PerceiverArLayerNormGrad",
+           "perceiver_ar_masked_softmax": "PerceiverArMaskedSoftmax",
+           "perceiver_ar_masked_softmax_grad": "PerceiverArMaskedSoftmaxGrad"}
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +255,37 @@ def layer_norm_grad(x: jnp.ndarray, scale: jnp.ndarray, mean: jnp.ndarray, rstd:
                                                              jax.ShapeDtypeStruct((c,), jnp.float32)),
                             vmap_method="sequential")
     return call(x, scale.astype(jnp.float32), mean, rstd, dy)
+
+
+def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    """softmax(where(mask, scores, -FLT_MAX)) over the last axis (`softmax.cc`): scores (batch, heads, queries,
+    keys) float32; mask bool broadcastable to them (True = may attend) or None. Needs `available()`."""
+    mask, strides = _broadcast_mask(mask, scores.shape)
+    call = jax.ffi.ffi_call("perceiver_ar_masked_softmax", jax.ShapeDtypeStruct(scores.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(scores, mask, dims=np.array(scores.shape, np.int64), mask_strides=strides)
+
+
+def masked_softmax_grad(probs: jnp.ndarray, d_probs: jnp.ndarray, mask: jnp.ndarray | None,
+                        out_dtype) -> jnp.ndarray:
+    """`masked_softmax`'s derivative: where(mask, probs (d_probs - sum(d_probs probs)), 0) over the last axis, in
+    out_dtype (float32 or bfloat16). probs, d_probs (batch, heads, queries, keys) float32. Needs `available()`."""
+    mask, strides = _broadcast_mask(mask, probs.shape)
+    call = jax.ffi.ffi_call("perceiver_ar_masked_softmax_grad", jax.ShapeDtypeStruct(probs.shape, out_dtype),
+                            vmap_method="sequential")
+    return call(probs, d_probs, mask, dims=np.array(probs.shape, np.int64), mask_strides=strides)
+
+
+def _broadcast_mask(mask: jnp.ndarray | None, shape: tuple[int, ...]) -> tuple[jnp.ndarray, np.ndarray]:
+    """A bool mask broadcastable to the 4-D `shape`, as the kernels read it: 4-D with its last axis whole, and the
+    element strides of its first three axes (0 along those it is broadcast over)."""
+    if mask is None:
+        mask = jnp.ones((1, 1, 1, shape[3]), bool)
+    mask = jnp.asarray(mask, bool).reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[3] != shape[3]:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:3], shape[3]))
+    contiguous = np.cumprod((1, *mask.shape[:0:-1]))[::-1]  # row-major element strides
+    return mask, np.array([0 if mask.shape[i] == 1 else contiguous[i] for i in range(3)], np.int64)
 
 
 def adamw(param: jnp.ndarray, grad: jnp.ndarray, mu: jnp.ndarray, nu: jnp.ndarray, scalars: jnp.ndarray, *,

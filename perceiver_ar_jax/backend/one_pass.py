@@ -1,7 +1,9 @@
 """Training's memory-bound steps in one pass over their data, on CPU kernels: AdamW's update of a tensor
-(`adamw.cc`; XLA runs optax's as three fusions per tensor that read the gradient three times) and LayerNorm with its
-derivative (`layer_norm.cc`; XLA evaluates them in several fusions and reductions over the rows). The callers ask
-`*_on_kernel` first and take their XLA path otherwise (not CPU, no kernels, or under a mesh of several devices).
+(`adamw.cc`; XLA runs optax's as three fusions per tensor that read the gradient three times), LayerNorm with its
+derivative (`layer_norm.cc`; XLA evaluates them in several fusions and reductions over the rows) and attention's
+masked softmax with its derivative (`softmax.cc`; XLA reads the scores two to four times). The callers ask
+`*_on_kernel` first and take their XLA path otherwise (not CPU, no kernels, or under a mesh of several devices);
+the softmax functions take XLA's path themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import jax.numpy as jnp
 from perceiver_ar_jax.backend import cpu_kernels
 from perceiver_ar_jax.backend.mesh_guard import several_devices
 
-__all__ = ["adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel"]
+__all__ = ["adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel", "masked_softmax",
+           "masked_softmax_grad"]
+
+# What masked scores are set to (the dense attention path's MASKED_SCORE): -finfo(float32).max, as perceiver-io.
+_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
 def adamw_on_kernel(params) -> bool:
@@ -67,3 +73,29 @@ def _layer_norm_bwd(epsilon, out_dtype, residuals, dy):
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    """softmax(where(mask, scores, -finfo(float32).max), axis=-1): scores (batch, heads, queries, keys) float32,
+    mask bool broadcastable to them (True = may attend) or None. Not differentiable (for custom VJPs). On the CPU
+    kernel where it runs (values equal XLA's to float32 rounding), else XLA's."""
+    if _softmax_on_kernel(scores):
+        return cpu_kernels.masked_softmax(scores, mask)
+    return jax.nn.softmax(scores if mask is None else jnp.where(mask, scores, _MASKED_SCORE), axis=-1)
+
+
+def masked_softmax_grad(probs: jnp.ndarray, d_probs: jnp.ndarray, mask: jnp.ndarray | None,
+                        out_dtype) -> jnp.ndarray:
+    """The scores' gradient from `masked_softmax`'s probs and theirs: where(mask, probs (d_probs - sum(d_probs
+    probs, axis=-1)), 0) in out_dtype (float32 or bfloat16, rounded once). On the CPU kernel where it runs."""
+    if _softmax_on_kernel(probs) and jnp.dtype(out_dtype) in (jnp.float32, jnp.bfloat16):
+        return cpu_kernels.masked_softmax_grad(probs, d_probs, mask, jnp.dtype(out_dtype))
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    if mask is not None:
+        d_scores = jnp.where(mask, d_scores, 0.0)
+    return d_scores.astype(out_dtype)
+
+
+def _softmax_on_kernel(x: jnp.ndarray) -> bool:
+    return (cpu_kernels.available() and not several_devices() and x.ndim == 4 and x.size > 0
+            and x.dtype == jnp.float32)

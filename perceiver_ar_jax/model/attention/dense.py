@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver_ar_jax.backend import as_precision, batched_product, batched_product_on_kernel, swap_last_axes
+from perceiver_ar_jax.backend import (
+    as_precision,
+    batched_product,
+    batched_product_on_kernel,
+    masked_softmax,
+    masked_softmax_grad,
+    swap_last_axes,
+)
 from perceiver_ar_jax.model.masks import AttentionMask, causal_mask
 
 # What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
@@ -63,10 +70,11 @@ def _einsum(subscripts: str, a: jnp.ndarray, b: jnp.ndarray, precision) -> jnp.n
 
 
 def _probabilities(q, k, mask, precision, kernels: bool = False) -> jnp.ndarray:
-    """softmax(q k^T), masked: (batch, heads, queries, keys) float32. kernels: the product may run on
-    `backend.batched_product`'s CPU kernel (not differentiable: inside the custom VJP only)."""
-    scores = batched_product("bqhd,bkhd->bhqk", q, k, jnp.float32, precision) if kernels else \
-        _einsum("bqhd,bkhd->bhqk", q, k, precision)
+    """softmax(q k^T), masked: (batch, heads, queries, keys) float32. kernels: the product and the softmax may run
+    on `backend`'s CPU kernels (not differentiable: inside the custom VJP only)."""
+    if kernels:
+        return masked_softmax(batched_product("bqhd,bkhd->bhqk", q, k, jnp.float32, precision), mask)
+    scores = _einsum("bqhd,bkhd->bhqk", q, k, precision)
     if mask is not None:
         scores = jnp.where(mask, scores, MASKED_SCORE)
     return jax.nn.softmax(scores, axis=-1)
@@ -99,10 +107,7 @@ def _softmax_attention_bwd(precision, residuals, g):
     q, k, v, mask, probs = residuals
     g = g.astype(v.dtype)
     d_probs = batched_product("bqhd,bkhd->bhqk", g, v, jnp.float32, precision)
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))  # softmax's vjp
-    if mask is not None:
-        d_scores = jnp.where(mask, d_scores, 0.0)
-    d_scores = d_scores.astype(q.dtype)
+    d_scores = masked_softmax_grad(probs, d_probs, mask, q.dtype)  # softmax's vjp, masked
     d_q = _input_gradient("bhqk,bkhd->bqhd", d_scores, k, q.dtype, precision)
     d_k = _input_gradient("bhqk,bqhd->bkhd", d_scores, q, k.dtype, precision)
     d_v = _input_gradient("bhqk,bqhd->bkhd", probs.astype(v.dtype), g, v.dtype, precision)
