@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from perceiver_ar_jax.backend import cpu_kernels
-from perceiver_ar_jax.backend.mesh_guard import partitioned
+from perceiver_ar_jax.backend.mesh_guard import partitioned, several_devices
 from perceiver_ar_jax.backend.one_pass import (
     adamw_on_kernel,
     adamw_update,
@@ -143,15 +143,17 @@ def computed_once(x: jnp.ndarray) -> jnp.ndarray:
     """x, evaluated once into a buffer of its own: XLA fuses an elementwise producer into every consumer and
     evaluates it per consumer element, so cos and sin broadcast over attention heads were evaluated once per head
     and per fusion reading them (on CPU ~12% of the bf16 training step). On CPU a copy through a custom call,
-    which XLA cannot fuse through (`lax.optimization_barrier` is removed before fusion there); elsewhere x."""
-    return cpu_kernels.copy(x) if cpu_kernels.available() else x
+    which XLA cannot fuse through (`lax.optimization_barrier` is removed before fusion there); elsewhere x (and
+    under a mesh of several devices, whose partitioner would gather a custom call's operands onto every device)."""
+    return cpu_kernels.copy(x) if cpu_kernels.available() and not partitioned() else x
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
     """The exact (erf) GELU, evaluated in float32 and returned in x's dtype, as perceiver-io's `nn.GELU()` under
     autocast. On CPU with float32 or bfloat16 x a kernel with its own derivative (`cpu_kernels.gelu`, `gelu_grad`:
-    XLA evaluates float32 erfc and exp at ~0.4 elements per ns); elsewhere XLA's."""
-    if x.dtype in (jnp.bfloat16, jnp.float32) and cpu_kernels.available():
+    XLA evaluates float32 erfc and exp at ~0.4 elements per ns); elsewhere, and under a mesh of several devices,
+    XLA's."""
+    if x.dtype in (jnp.bfloat16, jnp.float32) and cpu_kernels.available() and not several_devices():
         return _gelu_kernel(x)
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
@@ -171,10 +173,11 @@ def cross_entropy_gradient(logits: jnp.ndarray, labels: jnp.ndarray, weights: jn
     logits, (..., vocab) rounded to dtype (the compute dtype: what the projection's backward products multiply).
 
     On CPU, one pass of `cpu_kernels.cross_entropy` over each row (XLA's formula reads the float32 logits three
-    times and evaluates the exponential twice: ~5% of the bf16 bench step, ~3% of the fp32 one); elsewhere XLA's.
+    times and evaluates the exponential twice: ~5% of the bf16 bench step, ~3% of the fp32 one); elsewhere, and
+    under a mesh of several devices, XLA's.
     """
     dtype = jnp.dtype(dtype)
-    if dtype in (jnp.bfloat16, jnp.float32) and cpu_kernels.available():
+    if dtype in (jnp.bfloat16, jnp.float32) and cpu_kernels.available() and not several_devices():
         vocab, lead = logits.shape[-1], logits.shape[:-1]
         log_z, label_logits, grad = cpu_kernels.cross_entropy(
             logits.reshape(-1, vocab), labels.reshape(-1), weights.reshape(-1), z_loss_weight, dtype)
@@ -214,8 +217,8 @@ def batched_product_on_kernel(subscripts: str, a: jnp.ndarray, b: jnp.ndarray) -
 def swap_last_axes(x: jnp.ndarray) -> jnp.ndarray:
     """x (..., R, C) -> (..., C, R), materialised row-major on CPU (`cpu_kernels.transpose`, 8 x 8 register
     blocks; XLA:CPU's transposing fusions read one side with a stride, several times slower); elsewhere a plain
-    swap of the axes, which XLA folds into its consumer."""
-    return cpu_kernels.transpose(x) if cpu_kernels.available() else jnp.swapaxes(x, -1, -2)
+    swap of the axes, which XLA folds into its consumer (also under a mesh of several devices)."""
+    return cpu_kernels.transpose(x) if cpu_kernels.available() and not partitioned() else jnp.swapaxes(x, -1, -2)
 
 
 def dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers, precision=None,

@@ -1,5 +1,8 @@
 """Whether the kernels of this folder may run: XLA's partitioner would gather a custom call's operands onto every
-device of a mesh, so under a mesh of several devices the callers take XLA's own operations."""
+device of a mesh, so under a mesh of several devices the callers take XLA's own operations (the tiny training
+model's step on 8 simulated devices, data parallel: 27 all-gathers and 1.8x the time with the kernels, 1 without).
+`partitioned()` for plain custom calls, which may run on each device's shard inside a `shard_map`;
+`several_devices()` for those with a custom VJP of their own."""
 
 from __future__ import annotations
 
