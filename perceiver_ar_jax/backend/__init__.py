@@ -59,6 +59,7 @@ from jax import lax
 from perceiver_ar_jax.backend import cpu_kernels
 from perceiver_ar_jax.backend.mesh_guard import partitioned, several_devices
 from perceiver_ar_jax.backend.one_pass import (
+    MASKED_SCORE,
     adamw_on_kernel,
     adamw_update,
     layer_norm,
@@ -67,7 +68,7 @@ from perceiver_ar_jax.backend.one_pass import (
     masked_softmax_grad,
 )
 
-__all__ = ["WEIGHT_FORMATS", "adamw_on_kernel", "adamw_update", "as_precision", "batched_product",
+__all__ = ["MASKED_SCORE", "WEIGHT_FORMATS", "adamw_on_kernel", "adamw_update", "as_precision", "batched_product",
            "batched_product_on_kernel", "computed_once", "layer_norm", "layer_norm_on_kernel",
            "cross_entropy_gradient", "decode_cache_dtype",
            "decode_compiler_options", "dot_general", "enable_compilation_cache", "gelu", "is_prepared",

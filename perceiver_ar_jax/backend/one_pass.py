@@ -16,11 +16,12 @@ import jax.numpy as jnp
 from perceiver_ar_jax.backend import cpu_kernels
 from perceiver_ar_jax.backend.mesh_guard import several_devices
 
-__all__ = ["adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel", "masked_softmax",
+__all__ = ["MASKED_SCORE", "adamw_on_kernel", "adamw_update", "layer_norm", "layer_norm_on_kernel", "masked_softmax",
            "masked_softmax_grad"]
 
-# What masked scores are set to (the dense attention path's MASKED_SCORE): -finfo(float32).max, as perceiver-io.
-_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+# What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
+# all-masked row stays finite). The softmax kernel's -FLT_MAX.
+MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
 def adamw_on_kernel(params) -> bool:
@@ -81,7 +82,7 @@ def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray
     kernel where it runs (values equal XLA's to float32 rounding), else XLA's."""
     if _softmax_on_kernel(scores):
         return cpu_kernels.masked_softmax(scores, mask)
-    return jax.nn.softmax(scores if mask is None else jnp.where(mask, scores, _MASKED_SCORE), axis=-1)
+    return jax.nn.softmax(scores if mask is None else jnp.where(mask, scores, MASKED_SCORE), axis=-1)
 
 
 def masked_softmax_grad(probs: jnp.ndarray, d_probs: jnp.ndarray, mask: jnp.ndarray | None,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perceiver_ar_jax.backend import (
+    MASKED_SCORE,
     as_precision,
     batched_product,
     batched_product_on_kernel,
@@ -26,10 +27,6 @@ from perceiver_ar_jax.backend import (
     swap_last_axes,
 )
 from perceiver_ar_jax.model.masks import AttentionMask, causal_mask
-
-# What every attention path fills masked scores with: -finfo(float32).max, as perceiver-io (not -inf, so an
-# all-masked row stays finite).
-MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
 def dense_attention(
